@@ -1,0 +1,1 @@
+"""Quick, Draw! doodle classification: data, models, training, evaluation, plots and strokes."""
