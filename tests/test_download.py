@@ -1,0 +1,337 @@
+"""utils/download.py against a local mirror: synthetic files made here (always run) and ../shared/quickdraw."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.mirror import Faults, serve
+from utils.download import (BASE_URL_ENV, DEFAULT_BASE_URL, GUESSED_HEADER, DownloadError, FetchSettings,
+                            UnknownCategoryError, download_bitmaps, download_strokes, main, resolve_base_url,
+                            resolve_categories)
+
+PROJECT = Path(__file__).resolve().parents[1]
+ROW = 784
+FAST = FetchSettings(retries=3, backoff=0.01, timeout=5)  # retries without the real waits
+
+
+def write_npy(path: Path, rows: int, header_len: int = 128, version=(1, 0), seed=0, dtype=np.uint8) -> np.ndarray:
+    """A (rows, 784) .npy whose header is exactly header_len bytes (numpy's own writer gives 128)."""
+    arr = np.random.default_rng(seed).integers(0, 256, (rows, ROW)).astype(dtype)
+    width = 2 if version == (1, 0) else 4
+    text = repr({"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape})
+    text = text.ljust(header_len - len(np.lib.format.MAGIC_PREFIX) - 2 - width - 1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(np.lib.format.magic(*version) + len(text).to_bytes(width, "little") + text.encode("latin1"))
+        f.write(arr.tobytes())
+    assert path.stat().st_size == header_len + arr.nbytes and np.array_equal(np.load(path), arr)
+    return arr
+
+
+def fetch(url, root, n, names=("cat",), settings=FAST, **kw) -> dict:
+    """download_bitmaps quietly; the per-category Fetched records."""
+    stats = {}
+    download_bitmaps(names, root=root, max_per_class=n, base_url=url, progress=False, settings=settings,
+                     stats=stats, **kw)
+    return stats
+
+
+def local(root, name="cat") -> np.ndarray:
+    return np.load(Path(root) / "numpy_bitmap" / f"{name}.npy")
+
+
+@pytest.fixture
+def remote(tmp_path) -> tuple[Path, np.ndarray]:
+    """A mirror folder holding a 300-row cat.npy with numpy's usual 128-byte header."""
+    base = tmp_path / "remote"
+    return base, write_npy(base / "full/numpy_bitmap/cat.npy", 300)
+
+
+# ------------------------------------------------------------------------------------- synthetic, always run
+
+@pytest.mark.parametrize("header_len, version", [(80, (1, 0)), (128, (1, 0)), (1000, (1, 0)), (208, (2, 0))])
+def test_prefix_by_range_equals_first_rows(tmp_path, header_len, version):
+    arr = write_npy(tmp_path / "remote/full/numpy_bitmap/cat.npy", 300, header_len, version)
+    with serve(tmp_path / "remote") as mirror:
+        got = fetch(mirror.url, tmp_path / "data", 37)["cat"]
+    out = local(tmp_path / "data")
+    assert out.dtype == np.uint8 and out.shape == (37, ROW)
+    np.testing.assert_array_equal(out, arr[:37])
+    assert {r.status for r in mirror.requests} == {206}
+    need = header_len + 37 * ROW
+    assert need <= mirror.sent() <= need + GUESSED_HEADER
+    assert (got.rows, got.bytes_moved, got.complete) == (37, mirror.sent(), False)
+
+
+def test_several_categories_at_once_with_spaces_in_names(tmp_path):
+    names = ("cat", "alarm clock", "The Eiffel Tower")
+    arrays = {n: write_npy(tmp_path / f"remote/full/numpy_bitmap/{n}.npy", 50 + i, 80 + 48 * i, seed=i)
+              for i, n in enumerate(names)}
+    with serve(tmp_path / "remote") as mirror:
+        paths = download_bitmaps(names, root=tmp_path / "data", max_per_class=20, base_url=mirror.url,
+                                 workers=3, progress=False, settings=FAST)
+    assert list(paths) == list(names)
+    for name in names:
+        np.testing.assert_array_equal(np.load(paths[name]), arrays[name][:20])
+    assert {r.path for r in mirror.requests} == {f"full/numpy_bitmap/{n}.npy" for n in names}
+
+
+def test_server_ignoring_range_is_cut_after_the_bytes_needed(remote, tmp_path):
+    base, _ = remote
+    arr = write_npy(base / "full/numpy_bitmap/cat.npy", 2000)  # 1.5 MB, of which 10 rows are wanted
+    with serve(base, Faults(ignore_range=True)) as mirror:
+        first = fetch(mirror.url, tmp_path / "data", 10)["cat"]
+        np.testing.assert_array_equal(local(tmp_path / "data"), arr[:10])
+        fetch(mirror.url, tmp_path / "data", 25)  # growing: the whole-file answer is skipped up to the cache
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:25])
+    assert {r.status for r in mirror.requests} == {200}
+    assert first.bytes_moved < arr.nbytes // 4
+
+
+def test_dropped_connection_resumes_where_it_stopped(remote, tmp_path):
+    base, arr = remote
+    cut = FAST.chunk_size  # what arrived in whole chunks is kept
+    with serve(base, Faults(script=["drop"], drop_after=cut)) as mirror:
+        got = fetch(mirror.url, tmp_path / "data", 100)["cat"]
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:100])
+    assert [r.sent for r in mirror.requests][0] == cut
+    assert mirror.requests[1].range.startswith(f"bytes={cut}-")
+    assert got.bytes_moved == mirror.sent() == 128 + 100 * ROW  # nothing fetched twice
+
+
+def test_interrupted_run_leaves_no_final_file_and_the_next_run_resumes(remote, tmp_path):
+    base, arr = remote
+    root, out = tmp_path / "data", tmp_path / "data/numpy_bitmap/cat.npy"
+    cut = FAST.chunk_size
+    with serve(base, Faults(script=["drop"] + [500] * 9, drop_after=cut)) as mirror:
+        with pytest.raises(DownloadError, match="cat.npy.*giving up"):
+            fetch(mirror.url, root, 200, settings=FetchSettings(retries=2, backoff=0.01))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy.part"]  # no final, sidecar or temp file
+    assert out.with_name("cat.npy.part").stat().st_size == cut
+    with serve(base) as mirror:
+        got = fetch(mirror.url, root, 200)["cat"]
+    assert mirror.requests[0].range.startswith(f"bytes={cut}-")
+    assert got.bytes_moved == 128 + 200 * ROW - cut
+    np.testing.assert_array_equal(local(root), arr[:200])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy", "cat.npy.json"]
+
+
+def test_failed_growth_keeps_the_cached_file_intact(remote, tmp_path):
+    base, arr = remote
+    root = tmp_path / "data"
+    with serve(base) as mirror:
+        fetch(mirror.url, root, 10)
+    cut = FAST.chunk_size
+    with serve(base, Faults(script=["drop"] + [503] * 9, drop_after=cut)) as mirror:
+        with pytest.raises(DownloadError, match="503"):
+            fetch(mirror.url, root, 250, settings=FetchSettings(retries=1, backoff=0.01))
+    np.testing.assert_array_equal(local(root), arr[:10])
+    with serve(base) as mirror:
+        fetch(mirror.url, root, 250)
+    assert mirror.requests[0].range.startswith(f"bytes={128 + 10 * ROW + cut}-")
+    np.testing.assert_array_equal(local(root), arr[:250])
+
+
+def test_500_then_200_is_retried(remote, tmp_path):
+    base, arr = remote
+    with serve(base, Faults(script=[500, 500])) as mirror:
+        fetch(mirror.url, tmp_path / "data", 5)
+    assert [r.status for r in mirror.requests] == [500, 500, 206]
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:5])
+
+
+def test_retries_give_up_with_the_url_and_status(remote, tmp_path):
+    base, _ = remote
+    with serve(base, Faults(script=[500] * 10)) as mirror:
+        with pytest.raises(DownloadError, match=r"full/numpy_bitmap/cat\.npy.*3 failed attempts.*500"):
+            fetch(mirror.url, tmp_path / "data", 5, settings=FetchSettings(retries=2, backoff=0.01))
+    assert len(mirror.requests) == 3
+
+
+def test_404_is_an_immediate_error_naming_the_url(remote, tmp_path):
+    base, _ = remote
+    with serve(base) as mirror:
+        with pytest.raises(DownloadError, match=r"404.*/full/numpy_bitmap/alarm%20clock\.npy"):
+            fetch(mirror.url, tmp_path / "data", 5, names=["alarm clock"])
+    assert len(mirror.requests) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage header", "truncate, sidecar lost"])
+def test_damaged_cached_file_is_detected_and_fetched_again(remote, tmp_path, damage):
+    base, arr = remote
+    root, out = tmp_path / "data", tmp_path / "data/numpy_bitmap/cat.npy"
+    with serve(base) as mirror:
+        fetch(mirror.url, root, 50)
+        data = out.read_bytes()
+        out.write_bytes(b"not a numpy file" + data[16:] if damage == "garbage header" else data[:-100])
+        if "sidecar" in damage:
+            out.with_name("cat.npy.json").unlink()
+        got = fetch(mirror.url, root, 50)["cat"]
+    assert got.bytes_moved > 0
+    np.testing.assert_array_equal(local(root), arr[:50])
+
+
+def test_second_call_moves_nothing(remote, tmp_path):
+    base, arr = remote
+    with serve(base) as mirror:
+        fetch(mirror.url, tmp_path / "data", 50)
+        before = len(mirror.requests)
+        again = fetch(mirror.url, tmp_path / "data", 50)["cat"]
+        fewer = fetch(mirror.url, tmp_path / "data", 20)["cat"]  # the cache holds more than asked: kept
+    assert (again.bytes_moved, fewer.bytes_moved, len(mirror.requests)) == (0, 0, before)
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:50])
+
+
+def test_complete_file_is_never_fetched_again(remote, tmp_path):
+    base, arr = remote
+    with serve(base) as mirror:
+        whole = fetch(mirror.url, tmp_path / "data", None)["cat"]
+        before = len(mirror.requests)
+        more = fetch(mirror.url, tmp_path / "data", 5000)["cat"]
+        fetch(mirror.url, tmp_path / "data", None)
+    assert whole.complete and whole.rows == 300 and whole.bytes_moved == 128 + 300 * ROW
+    assert (more.bytes_moved, more.rows, len(mirror.requests)) == (0, 300, before)
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr)
+
+
+@pytest.mark.parametrize("header_len", [80, 1000])  # remote headers unlike the 128 bytes written locally
+def test_growing_n_fetches_only_the_missing_rows(tmp_path, header_len):
+    arr = write_npy(tmp_path / "remote/full/numpy_bitmap/cat.npy", 300, header_len)
+    with serve(tmp_path / "remote") as mirror:
+        fetch(mirror.url, tmp_path / "data", 10)
+        start = len(mirror.requests)
+        grown = fetch(mirror.url, tmp_path / "data", 60)["cat"]
+    assert grown.bytes_moved == sum(r.sent for r in mirror.requests[start:]) == 50 * ROW
+    assert mirror.requests[start].range == f"bytes={header_len + 10 * ROW}-{header_len + 60 * ROW - 1}"
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:60])
+
+
+@pytest.mark.parametrize("problem, match", [("float32", "float32"), ("short", "ends at")])
+def test_bad_remote_file_is_a_clear_error(tmp_path, problem, match):
+    path = tmp_path / "remote/full/numpy_bitmap/cat.npy"
+    if problem == "float32":
+        write_npy(path, 20, dtype=np.float32)
+    else:  # the header promises 20 rows, the file holds 5
+        write_npy(path, 20)
+        path.write_bytes(path.read_bytes()[:128 + 5 * ROW])
+    with serve(tmp_path / "remote") as mirror:
+        with pytest.raises(DownloadError, match=rf"cat\.npy.*{match}"):
+            fetch(mirror.url, tmp_path / "data", None)
+    assert not list((tmp_path / "data/numpy_bitmap").iterdir())
+
+
+def test_unknown_category_suggests_the_closest_names(tmp_path):
+    with pytest.raises(UnknownCategoryError, match="'alarm clock'") as err:
+        resolve_categories(["cat", "alarm_clock", "Catt"])
+    assert err.value.unknown["alarm_clock"][0] == "alarm clock"
+    assert "cat" in err.value.unknown["Catt"]
+    assert isinstance(err.value, ValueError)
+    assert resolve_categories(["cat", "The Eiffel Tower", "cat"]) == ["cat", "The Eiffel Tower"]
+    with serve(tmp_path) as mirror:  # refused before any request
+        with pytest.raises(UnknownCategoryError, match="teddy-bear"):
+            fetch(mirror.url, tmp_path / "data", 5, names=["teddy bear"])
+    assert mirror.requests == []
+
+
+def test_local_folder_base_by_path_file_url_and_environment(remote, tmp_path, monkeypatch):
+    base, arr = remote
+    for i, url in enumerate([str(base), base.as_uri()]):
+        got = fetch(url, tmp_path / f"data{i}", 40)["cat"]
+        assert got.bytes_moved == 128 + 40 * ROW
+        np.testing.assert_array_equal(local(tmp_path / f"data{i}"), arr[:40])
+    monkeypatch.setenv(BASE_URL_ENV, str(base))
+    fetch(None, tmp_path / "env", 3)
+    np.testing.assert_array_equal(local(tmp_path / "env"), arr[:3])
+    assert resolve_base_url() == str(base.resolve())
+    assert resolve_base_url("http://127.0.0.1:9/x") == "http://127.0.0.1:9/x/"  # the argument wins
+    monkeypatch.delenv(BASE_URL_ENV)
+    assert resolve_base_url() == DEFAULT_BASE_URL
+    with pytest.raises(ValueError, match="no-such-folder"):
+        resolve_base_url(str(tmp_path / "no-such-folder"))
+
+
+def test_strokes_first_lines_grow_and_complete(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"word": "cat", "key_id": str(i), "drawing": [[rng.integers(0, 256, rng.integers(2, 200)).tolist()] * 2]})
+             for i in range(200)]
+    remote = tmp_path / "remote/full/simplified/cat.ndjson"
+    remote.parent.mkdir(parents=True)
+    remote.write_text("\n".join(lines))  # no newline after the last line, as a file may end
+    root, out = tmp_path / "data", tmp_path / "data/simplified/cat.ndjson"
+
+    def get(n, **kw) -> int:
+        stats = {}
+        download_strokes(["cat"], root=root, max_per_class=n, base_url=mirror.url, progress=False,
+                         settings=FAST, stats=stats, **kw)
+        return stats["cat"].bytes_moved
+
+    with serve(tmp_path / "remote") as mirror:
+        assert get(50) < remote.stat().st_size / 2
+        assert out.read_text().splitlines() == lines[:50]
+        cached = out.stat().st_size
+        start = len(mirror.requests)
+        get(120)
+        assert mirror.requests[start].range.startswith(f"bytes={cached}-")
+        assert out.read_text().splitlines() == lines[:120]
+        get(1000)
+        assert out.read_bytes() == remote.read_bytes()
+        out.write_bytes(out.read_bytes()[:-7])  # truncated on disk: detected by its sidecar
+        assert get(None) > 0 and out.read_bytes() == remote.read_bytes()
+        before = len(mirror.requests)
+        assert get(None) == get(5000) == 0 and len(mirror.requests) == before
+
+
+def test_cli_prints_rows_and_bytes(remote, tmp_path, capsys):
+    base, arr = remote
+    with serve(base) as mirror:
+        code = main(["cat", "--max-per-class", "5", "--root", str(tmp_path / "data"), "--base-url", mirror.url,
+                     "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "cat" in out and f"{128 + 5 * ROW:,}" in out and "1 categories, 5 rows" in out
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:5])
+    assert main(["alarm_clock", "--root", str(tmp_path / "data"), "--base-url", str(base)]) == 1
+    assert "did you mean 'alarm clock'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- ../shared/quickdraw
+
+SHARED_CATEGORIES = ("cat", "alarm clock", "smiley face")
+
+
+def header_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        return f.tell()
+
+
+def test_shared_three_categories_first_700_rows(shared_dir, tmp_path):
+    with serve(shared_dir) as mirror:
+        stats = fetch(mirror.url, tmp_path / "data", 700, names=SHARED_CATEGORIES, workers=3)
+    for name in SHARED_CATEGORIES:
+        source = shared_dir / "full/numpy_bitmap" / f"{name}.npy"
+        np.testing.assert_array_equal(local(tmp_path / "data", name), np.load(source, mmap_mode="r")[:700])
+        assert stats[name].bytes_moved == mirror.sent(f"{name}.npy") <= 1.1 * (header_size(source) + 700 * ROW)
+
+
+def test_shared_cli_subprocess(mirror_url, shared_dir, tmp_path):
+    def cli(*args) -> subprocess.CompletedProcess:
+        env = {**os.environ, BASE_URL_ENV: "http://127.0.0.1:9/unused/"}  # --base-url must win
+        return subprocess.run([sys.executable, "-m", "utils.download", *args, "--root", str(tmp_path),
+                               "--base-url", mirror_url, "--no-progress"],
+                              cwd=PROJECT, capture_output=True, text=True, timeout=60, env=env)
+
+    run = cli("smiley face", "cat", "--max-per-class", "30", "--workers", "2")
+    assert run.returncode == 0, run.stderr
+    assert "2 categories, 60 rows" in run.stdout
+    for name in ("smiley face", "cat"):
+        expected = np.load(shared_dir / "full/numpy_bitmap" / f"{name}.npy", mmap_mode="r")[:30]
+        np.testing.assert_array_equal(local(tmp_path, name), expected)
+    run = cli("cat", "--format", "raw", "--max-per-class", "4")
+    assert run.returncode == 0, run.stderr
+    official = (shared_dir / "full/raw/cat.ndjson").read_text().splitlines()[:4]
+    assert (tmp_path / "raw/cat.ndjson").read_text().splitlines() == official
