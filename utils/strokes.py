@@ -1,0 +1,373 @@
+"""Strokes to bitmaps, made as the official Quick, Draw! data was made.
+
+Stroke files are ndjson, one drawing a line, its strokes under "drawing":
+  simplified: [[x0, x1, ...], [y0, y1, ...]] per stroke, integers 0..255
+  raw:        [[x...], [y...], [t...]] per stroke, device pixels and milliseconds
+
+simplify() turns a raw drawing into the simplified format, render() turns a simplified drawing
+into the 28x28 uint8 bitmap of the official numpy_bitmap files, render_file() and build_bitmaps()
+do both for whole stroke files. CLI:
+  python -m utils.strokes --kind raw --src data/ --out data/ [--max-per-class N] [categories...]
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+EPSILON = 2.0       # Ramer-Douglas-Peucker tolerance of the simplification, in 0..255 units
+EXTENT = 255.0      # a simplified drawing spans 0..EXTENT on its longer side
+CANVAS = 256.0      # the square the simplified coordinates live in
+LINE_WIDTH = 16.0   # pen diameter, in canvas units
+PADDING = 16.0      # border around the canvas, in canvas units
+KINDS = ("simplified", "raw")
+
+CAIRO_HELP = ("rendering strokes needs the cairo library and its cffi binding: install them with "
+              "`apt-get install libcairo2` (Debian/Ubuntu; `brew install cairo` on macOS) and "
+              "`pip install cairocffi`")
+
+
+def _cairo():
+    """cairocffi, imported on first render so simplify() works without cairo."""
+    try:
+        import cairocffi
+    except (ImportError, OSError) as e:  # OSError: the binding is there but libcairo is not
+        raise ImportError(f"{CAIRO_HELP} ({type(e).__name__}: {e})") from e
+    return cairocffi
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and checking
+
+
+def iter_ndjson(path, limit: int | None = None) -> Iterator[dict]:
+    """Records of an ndjson stroke file, one per line, first `limit` only; errors name the line."""
+    path = Path(path)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    with open(path, encoding="utf-8") as f:
+        lines = (line for line in f if line.strip())
+        for lineno, line in enumerate(itertools.islice(lines, limit), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: drawing {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "drawing" not in record:
+                raise ValueError(f"{path}: drawing {lineno} has no 'drawing' field")
+            yield record
+
+
+def read_ndjson(path, limit: int | None = None) -> list[dict]:
+    """The first `limit` records (all if None) of a simplified or raw ndjson stroke file."""
+    return list(iter_ndjson(path, limit))
+
+
+def _strokes(drawing) -> tuple[np.ndarray, list[int]]:
+    """Check a drawing ([[xs], [ys]] or [[xs], [ys], [ts]] per stroke).
+
+    Returns every point as float64 (2, N), strokes one after another, and the stroke lengths.
+    """
+    if isinstance(drawing, dict):
+        raise ValueError("expected a drawing (a list of strokes), got a record: pass record['drawing']")
+    if isinstance(drawing, (str, bytes)) or not isinstance(drawing, (Sequence, np.ndarray)):
+        raise ValueError(f"a drawing must be a list of strokes, got {type(drawing).__name__}")
+    if len(drawing) == 0:
+        raise ValueError("the drawing is empty: it has no strokes")
+    parts = []
+    for i, stroke in enumerate(drawing):
+        try:
+            a = np.asarray(stroke, dtype=np.float64)
+        except (TypeError, ValueError):
+            a = None
+        if a is None or a.ndim != 2 or a.shape[0] not in (2, 3) or a.shape[1] == 0:
+            _explain(i, stroke)
+        parts.append(a[:2])
+    xy = np.concatenate(parts, axis=1)
+    if not np.isfinite(xy).all():
+        bad = next(i for i, a in enumerate(parts) if not np.isfinite(a).all())
+        raise ValueError(f"stroke {bad} has NaN or infinite coordinates")
+    return xy, [a.shape[1] for a in parts]
+
+
+def _explain(i: int, stroke) -> None:
+    """Raise the ValueError saying what is wrong with stroke i (one that numpy could not take)."""
+    if (isinstance(stroke, (str, bytes, dict)) or not isinstance(stroke, (Sequence, np.ndarray))
+            or len(stroke) not in (2, 3)):
+        raise ValueError(f"stroke {i} must be [[x...], [y...]] or [[x...], [y...], [t...]]")
+    lengths = []
+    for name, values in zip("xyt", stroke):
+        try:
+            v = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"stroke {i}: its {name} values must be numbers") from None
+        if v.ndim != 1:
+            raise ValueError(f"stroke {i} is nested wrongly: its {name} values must be a flat list")
+        lengths.append(len(v))
+    if lengths[0] == 0:
+        raise ValueError(f"stroke {i} has no points")
+    for name, n in zip("yt", lengths[1:]):
+        if n != lengths[0]:
+            raise ValueError(f"stroke {i} has {lengths[0]} x but {n} {name} values")
+    raise ValueError(f"stroke {i} must be [[x...], [y...]] or [[x...], [y...], [t...]]")
+
+
+# ---------------------------------------------------------------------------------------------
+# simplification: align to 0, scale to 0..255, resample every 1 unit, RDP at 2.0, round
+# The arithmetic below (operation order, sqrt of squares, lerp form, first farthest point,
+# round half to even) is what reproduces the official simplified files point for point.
+
+
+def _resample(p: np.ndarray) -> np.ndarray:
+    """Points every 1 unit of arc length from the first point, then the last point. (n, 2)."""
+    d = np.diff(p, axis=0)
+    length = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
+    moving = length > 0
+    a, b, length = p[:-1][moving], p[1:][moving], length[moving]
+    if len(length) == 0:
+        return p[:1]
+    end = np.cumsum(length)                   # arc length at each segment's end
+    start = np.concatenate(([0.0], end[:-1]))
+    s = np.arange(1.0, np.floor(end[-1]) + 1.0)
+    j = np.searchsorted(end, s)               # segment holding each sample
+    f = ((s - start[j]) / length[j])[:, None]
+    out = np.concatenate([p[:1], a[j] * (1.0 - f) + b[j] * f])
+    if (out[-1] != p[-1]).any():
+        out = np.concatenate([out, p[-1:]])
+    return out
+
+
+def _rdp(p: np.ndarray, epsilon: float) -> np.ndarray:
+    """Ramer-Douglas-Peucker on (n, 2) points, distance to the infinite chord line; kept points."""
+    keep = np.zeros(len(p), dtype=bool)
+    keep[[0, -1]] = True
+    spans = [(0, len(p) - 1)]
+    while spans:
+        i, j = spans.pop()
+        if j - i < 2:
+            continue
+        a, q = p[i], p[i + 1:j]
+        dx, dy = p[j] - a
+        if dx == 0 and dy == 0:  # closed span: distance to its end point
+            ex, ey = q[:, 0] - a[0], q[:, 1] - a[1]
+            dist = np.sqrt(ex * ex + ey * ey)
+        else:
+            dist = np.abs(dx * (a[1] - q[:, 1]) - dy * (a[0] - q[:, 0])) / np.sqrt(dx * dx + dy * dy)
+        k = int(np.argmax(dist))  # the first farthest point breaks ties, as the official data
+        if dist[k] > epsilon:
+            keep[i + 1 + k] = True
+            spans += [(i, i + 1 + k), (i + 1 + k, j)]
+    out = p[keep]
+    return out if len(out) > 1 else np.concatenate([out, out])  # a lone point stays a 2-point stroke
+
+
+def simplify(raw_drawing, epsilon: float = EPSILON) -> list[list[list[int]]]:
+    """Raw strokes (any units, times ignored) -> simplified [[xs], [ys]] per stroke, ints 0..255."""
+    xy, lengths = _strokes(raw_drawing)
+    xy = xy - xy.min(axis=1, keepdims=True)
+    extent = xy.max()
+    if not np.isfinite(extent):
+        raise ValueError("the drawing spans more than a float can hold")
+    if extent > 0:
+        xy = xy * EXTENT / extent  # multiply first: halves like 127.5 come out exact
+    out = []
+    for p in np.split(xy.T, np.cumsum(lengths)[:-1]):
+        q = np.round(_rdp(_resample(p), epsilon)).astype(np.int64)  # half to even
+        out.append([q[:, 0].tolist(), q[:, 1].tolist()])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+class _Canvas:
+    """A cairo surface and context set up as the official renderer, reused across drawings."""
+
+    def __init__(self, side: int):
+        if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
+            raise ValueError(f"side must be a positive integer, got {side!r}")
+        cairo = _cairo()
+        self.side = int(side)
+        self.surface = cairo.ImageSurface(cairo.FORMAT_ARGB32, self.side, self.side)
+        self.ctx = cairo.Context(self.surface)
+        self.ctx.set_antialias(cairo.ANTIALIAS_BEST)
+        self.ctx.set_line_cap(cairo.LINE_CAP_ROUND)
+        self.ctx.set_line_join(cairo.LINE_JOIN_ROUND)
+        self.ctx.set_line_width(LINE_WIDTH)
+        margin = 2 * PADDING + LINE_WIDTH
+        scale = self.side / (CANVAS + margin)
+        self.ctx.scale(scale, scale)
+        self.ctx.translate(margin / 2, margin / 2)
+        # the path is built through cairocffi's C-level API: a wrapper call per point would cost
+        # as much as the rasterization itself
+        self.lib, self.ffi, self.ptr = cairo.cairo, cairo.ffi, self.ctx._pointer
+        # native uint32 pixels; & 0xFF is the first byte (blue) on little-endian machines
+        stride = self.surface.get_stride() // 4
+        pixels = np.frombuffer(self.surface.get_data(), dtype=np.uint32)
+        self.pixels = pixels.reshape(self.side, stride)[:, :self.side]
+
+    def draw(self, xy: np.ndarray, lengths: list[int], out: np.ndarray) -> None:
+        """Render checked points (2, N), stroke lengths summing to N, into out (side, side) uint8."""
+        lib, ptr = self.lib, self.ptr
+        lib.cairo_set_source_rgb(ptr, 0.0, 0.0, 0.0)
+        lib.cairo_paint(ptr)
+        xy = xy + ((CANVAS - xy.max(axis=1)) / 2)[:, None]  # centre on the drawing's extent
+        xs, ys = xy.tolist()
+        lib.cairo_set_source_rgb(ptr, 1.0, 1.0, 1.0)
+        start = 0
+        for n in lengths:
+            stop = start + n
+            lib.cairo_move_to(ptr, xs[start], ys[start])
+            if n == 1:  # a lone point is a dot, as its 2-point simplified form draws
+                lib.cairo_line_to(ptr, xs[start], ys[start])
+            for x, y in zip(xs[start + 1:stop], ys[start + 1:stop]):
+                lib.cairo_line_to(ptr, x, y)
+            lib.cairo_stroke(ptr)  # one stroke() per stroke: overlaps add up as in the official data
+            start = stop
+        status = lib.cairo_status(ptr)
+        if status:
+            raise RuntimeError(f"cairo: {self.ffi.string(lib.cairo_status_to_string(status)).decode()}")
+        self.surface.flush()
+        np.bitwise_and(self.pixels, 0xFF, out=out, casting="unsafe")
+
+
+def render(drawing, side: int = 28) -> np.ndarray:
+    """A simplified drawing (0..255 units) -> uint8 (side, side) bitmap, white ink on black."""
+    xy, lengths = _strokes(drawing)
+    canvas = _Canvas(side)
+    out = np.empty((canvas.side, canvas.side), dtype=np.uint8)
+    canvas.draw(xy, lengths, out)
+    return out
+
+
+def render_batch(drawings: Iterable, side: int = 28) -> np.ndarray:
+    """Many simplified drawings -> uint8 (N, side*side), one reused surface; errors name the index."""
+    drawings = drawings if isinstance(drawings, Sequence) else list(drawings)
+    canvas = _Canvas(side)
+    side = canvas.side
+    out = np.empty((len(drawings), side, side), dtype=np.uint8)
+    for i, drawing in enumerate(drawings):
+        try:
+            xy, lengths = _strokes(drawing)
+        except ValueError as e:
+            raise ValueError(f"drawing {i}: {e}") from None
+        canvas.draw(xy, lengths, out[i])
+    return out.reshape(len(drawings), side * side)
+
+
+# ---------------------------------------------------------------------------------------------
+# building bitmap files from stroke files
+
+
+def _stroke_dir(src, kind: str) -> Path:
+    """<src>/<kind>/ as the downloads lay it out, or src itself when it holds the ndjson files."""
+    src = Path(src)
+    return src / kind if (src / kind).is_dir() else src
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a temporary file and a rename, so a file on disk is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _file_drawings(path: Path, kind: str, limit: int | None) -> Iterator[list]:
+    """The first `limit` drawings of a stroke file in the simplified format; errors name the drawing."""
+    for n, record in enumerate(iter_ndjson(path, limit), start=1):
+        try:
+            if kind == "raw":
+                yield simplify(record["drawing"])
+            else:
+                _strokes(record["drawing"])
+                yield record["drawing"]
+        except ValueError as e:
+            raise ValueError(f"{path}: drawing {n}: {e}") from None
+
+
+def render_file(path, kind: str = "simplified", limit: int | None = None, side: int = 28,
+                chunk: int = 4096) -> np.ndarray:
+    """Bitmaps (N, side*side) uint8 of the first `limit` drawings of a stroke file (raw ones simplified
+    first), row i = drawing i; rendered chunk by chunk to bound memory."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    drawings = _file_drawings(Path(path), kind, limit)
+    parts = [np.empty((0, side * side), dtype=np.uint8)]
+    while batch := list(itertools.islice(drawings, chunk)):
+        parts.append(render_batch(batch, side))
+    return np.concatenate(parts)
+
+
+def build_bitmaps(src, out, kind: str = "simplified", categories: Iterable[str] | None = None,
+                  max_per_class: int | None = None, side: int = 28,
+                  progress: bool = True) -> dict[str, Path]:
+    """Stroke files <src>/<kind>/<name>.ndjson -> <out>/numpy_bitmap/<name>.npy, (N, side*side) uint8.
+
+    Same rows as the official numpy_bitmap files (row i = drawing i); raw strokes are simplified
+    first. categories=None builds every stroke file found.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if max_per_class is not None and max_per_class < 0:
+        raise ValueError(f"max_per_class must be >= 0, got {max_per_class}")
+    _Canvas(side)  # a bad side or a missing cairo fails here, before any file is read
+    folder = _stroke_dir(src, kind)
+    available = sorted(p.stem for p in folder.glob("*.ndjson"))
+    names = available if categories is None else list(categories)
+    if not available:
+        raise FileNotFoundError(f"no .ndjson stroke files in {folder}")
+    missing = [n for n in names if n not in available]
+    if missing:
+        hints = {n: difflib.get_close_matches(n.replace("_", " "), available, n=3) for n in missing}
+        detail = "; ".join(f"{n!r} (closest: {', '.join(h) or 'none'})" for n, h in hints.items())
+        raise FileNotFoundError(f"no {kind} strokes file in {folder} for {detail}")
+    paths = {}
+    bar = names
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(names, desc=f"{kind} -> bitmaps", unit="class")
+    for name in bar:
+        target = Path(out) / "numpy_bitmap" / f"{name}.npy"
+        _save_npy(target, render_file(folder / f"{name}.ndjson", kind, max_per_class, side))
+        paths[name] = target
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(prog="python -m utils.strokes", description=(
+        "Render Quick, Draw! stroke files into numpy_bitmap/<name>.npy, as the official bitmaps."))
+    parser.add_argument("categories", nargs="*", help="category names (default: every stroke file)")
+    parser.add_argument("--kind", choices=KINDS, default="simplified")
+    parser.add_argument("--src", required=True, help="folder holding <kind>/<name>.ndjson (or the ndjson files)")
+    parser.add_argument("--out", required=True, help="writes <out>/numpy_bitmap/<name>.npy")
+    parser.add_argument("--max-per-class", type=int, default=None)
+    parser.add_argument("--side", type=int, default=28)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        paths = build_bitmaps(args.src, args.out, args.kind, args.categories or None,
+                              args.max_per_class, args.side, progress=not args.no_progress)
+    except (ValueError, OSError, ImportError) as e:
+        parser.error(str(e))
+    rows = sum(np.load(p, mmap_mode="r").shape[0] for p in paths.values())
+    print(f"{len(paths)} classes, {rows} bitmaps -> {Path(args.out) / 'numpy_bitmap'} "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
