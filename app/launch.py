@@ -1,0 +1,60 @@
+"""Start `python -m app` in a subprocess on a free local port and wait until it answers (tests, benchmarks)."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def app_command(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "app", "--model", str(model), "--host", host, "--port", str(port), *extra]
+
+
+@contextmanager
+def running_server(model: str | Path, *extra: str, host: str = "127.0.0.1", timeout: float = 60.0) -> Iterator[str]:
+    """Yield the base URL ("http://127.0.0.1:PORT") of a started server; stop it on exit."""
+    port = free_port(host)
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(app_command(model, host, port, *extra), cwd=PROJECT_ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://{host}:{port}"
+        try:
+            _wait_healthy(proc, url, timeout, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with code {proc.returncode}:\n{log.read().decode(errors='replace')}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {url} did not answer /health within {timeout:.0f} s")

@@ -1,0 +1,108 @@
+"""The drawing page in a real headless chromium (Playwright): mouse strokes, live guesses, undo, clear."""
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_app import server, shapes_checkpoint  # noqa: F401 (fixtures: the app on the shapes model)
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="/usr/bin/chromium is absent: apt-get install -y chromium chromium-driver")
+SCREENSHOT = Path("/tmp/page.png")
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.requests = []  # every URL the page asked for, with its body and when
+        page.on("request", lambda r: page.requests.append((r.url, r.post_data, time.monotonic())))
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('v2')")
+        yield page
+        browser.close()
+
+
+def draw(page, points, pause_ms=0):
+    """One mouse stroke through points given as fractions (0..1) of the canvas."""
+    box = page.locator("#canvas").bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=4)
+        if pause_ms:
+            page.wait_for_timeout(pause_ms)
+    page.mouse.up()
+
+
+def guesses(page) -> list[tuple[str, str]]:
+    rows = page.locator("#predictions li")
+    return [(rows.nth(i).locator(".label").inner_text(), rows.nth(i).locator(".percent").inner_text())
+            for i in range(rows.count())]
+
+
+def wait_top(page, label: str):
+    page.wait_for_function("label => document.querySelector('#predictions li .label')?.textContent === label",
+                           arg=label, timeout=30_000)
+
+
+def predict_bodies(page) -> list[dict]:
+    return [json.loads(body) for url, body, _ in page.requests if url.endswith("/predict")]
+
+
+def test_draw_guess_undo_clear(browser_page, server):
+    page = browser_page
+    assert page.locator("#predictions li").count() == 0 and page.locator("#undo").is_disabled()
+
+    draw(page, [(0.1, 0.5), (0.5, 0.52), (0.9, 0.5)])
+    wait_top(page, "line")
+    shown = guesses(page)
+    assert len(shown) == 5
+    assert all(re.fullmatch(r"\d{1,3}\.\d%", percent) for _, percent in shown)
+    widths = page.locator("#predictions .fill").evaluate_all("bars => bars.map(b => parseFloat(b.style.width))")
+    assert widths == sorted(widths, reverse=True) and widths[0] > 50
+
+    draw(page, [(0.5, 0.1), (0.52, 0.5), (0.5, 0.9)])
+    wait_top(page, "plus")
+    strokes = predict_bodies(page)[-1]["strokes"]  # recorded as the dataset: x, y, t per stroke
+    assert [len(s) for s in strokes] == [3, 3]
+    times = [t for s in strokes for t in s[2]]
+    assert times[0] == 0 and times == sorted(times) and len(strokes[1][0]) == len(strokes[1][2]) >= 8
+    page.screenshot(path=str(SCREENSHOT))
+
+    page.click("#undo")
+    assert page.locator("#canvas").get_attribute("data-strokes") == "1"
+    wait_top(page, "line")
+
+    page.click("#clear")
+    assert page.locator("#canvas").get_attribute("data-strokes") == "0"
+    assert page.locator("#predictions li").count() == 0 and page.locator("#placeholder").is_visible()
+    ink = page.evaluate("""() => { const c = document.getElementById('canvas');
+        return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v !== 0); }""")
+    assert ink is False
+    assert all(url.startswith(server) for url, _, _ in page.requests), "the page reached outside the app"
+
+
+def test_asks_while_drawing_throttled(browser_page):
+    page = browser_page
+    page.keyboard.press("Escape")  # the Clear shortcut; a no-op on a blank pad
+    assert page.locator("#canvas").get_attribute("data-strokes") == "0"
+    before = len(page.requests)
+    start = time.monotonic()
+    draw(page, [(0.2 + 0.6 * i / 20, 0.3 + 0.02 * (i % 2)) for i in range(21)], pause_ms=60)  # ~1.2 s stroke
+    up = time.monotonic()
+    page.wait_for_timeout(500)
+    during = [t for url, _, t in page.requests[before:] if url.endswith("/predict") and t < up]
+    assert 2 <= len(during) <= math.ceil((up - start) / 0.25) + 1
+    assert any(url.endswith("/predict") and t >= up for url, _, t in page.requests[before:])  # and on release
+    assert len(guesses(page)) == 5
+
