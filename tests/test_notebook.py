@@ -1,0 +1,139 @@
+"""notebook.ipynb runs top to bottom on a small real configuration; utils/study.py's settings and reports."""
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+from utils import study
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["airplane", "alarm clock", "cloud", "smiley face"]  # 4 of the mirror's 17 bitmap categories
+FIGURES = ["samples", "heatmaps", "counts", "augmentation", "curves_v1", "curves_v2", "curves_v2-xl",
+           "curves_v2-tuned", "curves_resnet", "accuracy", "confusion", "per_class", "misclassified"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def venv_kernel(tmp_path: Path) -> KernelManager:
+    """A kernel on this very interpreter (the project venv), whatever kernelspecs the machine has."""
+    spec = tmp_path / "kernels" / "study"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "study", "language": "python"}))
+    return KernelManager(kernel_name="study", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+
+
+def outputs_of(nb, snippet: str) -> str:
+    """All text a cell whose source holds `snippet` showed."""
+    cell = next(c for c in nb.cells if c.cell_type == "code" and snippet in c.source)
+    parts = []
+    for out in cell.outputs:
+        parts.append(out.get("text", ""))
+        data = out.get("data", {})
+        parts.append(data.get("text/markdown", data.get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def test_notebook_runs_on_mirror_and_writes_every_figure(mirror_url, tmp_path, monkeypatch):
+    env = {"QD_CATEGORIES": ",".join(SMALL), "QD_MAX_PER_CLASS": "1000", "QD_EPOCHS": "1", "QD_SEED": "0",
+           "QD_DEVICE": "cpu", "QUICKDRAW_BASE_URL": mirror_url,
+           "QD_THREADS": "1", "QD_PROGRESS": "0",  # one thread: no slowdown from oversubscribed cores
+           "QD_DATA_DIR": str(tmp_path / "data"), "QD_MODELS_DIR": str(tmp_path / "models"),
+           "QD_FIGURES_DIR": str(tmp_path / "figures")}
+    for key in study.ENV:  # nothing from the caller's environment leaks into the small run
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    nb = nbformat.read(ROOT / "notebook.ipynb", as_version=4)
+    client = NotebookClient(nb, km=venv_kernel(tmp_path), timeout=600,
+                            resources={"metadata": {"path": str(ROOT)}})
+    client.execute()  # raises CellExecutionError naming the cell if any cell fails
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]  # QD_PROGRESS=0
+    assert "QD_EPOCHS" in outputs_of(nb, "config.describe()")
+    for name in FIGURES:
+        data = (tmp_path / "figures" / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+
+    table = outputs_of(nb, "study.comparison_table(results)")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert [r.split("|")[1].strip().rstrip(" *") for r in rows] == list(study.RUNS)
+    assert sum("*" in r.split("|")[1] for r in rows) == 1
+
+    for run in study.RUNS:
+        assert (tmp_path / "models" / f"{study.slug(run)}.pt").stat().st_size > 0
+    assert (tmp_path / "models" / "best.pt").stat().st_size > 0
+    assert "Best by validation top-1" in outputs_of(nb, "study.findings(results)")
+    assert sorted(p.name for p in (tmp_path / "data" / "numpy_bitmap").glob("*.npy")) == sorted(f"{c}.npy" for c in SMALL)
+
+
+def test_config_from_env_overrides_and_names_bad_values():
+    config = study.StudyConfig.from_env({"QD_CATEGORIES": "alarm clock, dog", "QD_MAX_PER_CLASS": "all",
+                                         "QD_EPOCHS": "2", "QD_MODELS": "V1,V2-XL", "QD_DATA_DIR": "/tmp/x"})
+    assert config.categories == ["alarm clock", "dog"]
+    assert config.max_per_class is None and config.epochs == 2 and config.data_dir == "/tmp/x"
+    assert config.models == ["V1", "V2-XL"]
+    assert config.overrides["epochs"] == "QD_EPOCHS"
+    assert study.StudyConfig.from_env({"QD_PROGRESS": "off", "QD_THREADS": "1"}).train_config("V1").progress is False
+    assert "epochs: 2   <- QD_EPOCHS" in config.describe()
+    assert "max_per_class: all   <- QD_MAX_PER_CLASS" in config.describe()
+    default = study.StudyConfig.from_env({})
+    assert default.categories == study.ORIGINAL_CATEGORIES and default.epochs is None
+    with pytest.raises(ValueError, match="QD_EPOCHS='0'"):
+        study.StudyConfig.from_env({"QD_EPOCHS": "0"})
+    with pytest.raises(ValueError, match="QD_MAX_PER_CLASS='many'"):
+        study.StudyConfig.from_env({"QD_MAX_PER_CLASS": "many"})
+    with pytest.raises(ValueError, match="QD_PROGRESS='maybe': expected 1 or 0"):
+        study.StudyConfig.from_env({"QD_PROGRESS": "maybe"})
+    with pytest.raises(ValueError, match="V3"):
+        study.StudyConfig.from_env({"QD_MODELS": "V1,V3"})
+    with pytest.raises(ValueError, match="QD_CATEGORIES='dog,alarm_clock'.*did you mean 'alarm clock'"):
+        study.StudyConfig.from_env({"QD_CATEGORIES": "dog,alarm_clock"})
+
+
+def test_train_config_applies_study_overrides_to_recipes():
+    config = study.StudyConfig(categories=["dog"], epochs=1, seed=3, device="cpu")
+    tc = config.train_config("V2-XL")
+    assert (tc.model, tc.augment, tc.epochs, tc.seed, tc.device) == ("v2", "xl", 1, 3, "cpu")
+    assert tc.batch_size == study.RUNS["V2-XL"]["batch_size"]
+    assert study.StudyConfig(categories=["dog"]).train_config("V1").epochs == study.RUNS["V1"]["epochs"]
+
+
+def scores(top1):
+    return dict(top1=top1, top3=min(1, top1 + 0.1), map3=top1 + 0.05, n=100)
+
+
+def fake_result(name, val, test, seconds=10.0):
+    return dict(name=name, params=1234, train_seconds=seconds, images_per_s=5000.0 / seconds, epochs=3,
+                val=scores(val), test=scores(test), classes=["a", "b"], per_class=[0.9, 0.6],
+                confusion=[[9, 1], [4, 6]])
+
+
+def test_best_is_chosen_by_validation_and_reported():
+    results = [fake_result("V1", val=0.80, test=0.90), fake_result("V2", val=0.85, test=0.70, seconds=20)]
+    assert study.best_result(results)["name"] == "V2"
+    table = str(study.comparison_table(results))
+    lines = table.splitlines()
+    assert lines[0].startswith("| model") and "test top-1" in lines[0]
+    assert lines[2].startswith("| V1 ") and "90.00%" in lines[2] and "1,234" in lines[2]
+    assert lines[3].startswith("| V2 *")
+    found = study.findings(results)
+    assert found[0].startswith("Best by validation top-1: V2") and "70.00%" in found[0]
+    assert any("V2 vs V1" in f and "90.00% -> 70.00% (-20.00 points)" in f and "2.0x" in f for f in found)
+    assert any("b taken for a (40.00%" in f for f in found)
+
+
+def test_history_table_marks_the_kept_epoch():
+    history = dict(train_loss=[1.0, 0.5], train_acc=[0.5, 0.8], val_loss=[0.9, 0.95], val_acc=[0.6, 0.7],
+                   epoch_seconds=[1.25, 1.0], best_epoch=1)
+    lines = str(study.history_table(history)).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| epoch")
+    assert lines[2].startswith("| 1 *") and "60.00%" in lines[2] and "0.9000" in lines[2]
+    assert "*" not in lines[3] and "0.9500" in lines[3]

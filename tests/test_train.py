@@ -1,0 +1,209 @@
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import utils.train as train_module
+from utils.data import QuickDrawSet
+from utils.models import build_model
+from utils.train import (CheckpointError, TrainConfig, fit, history_path, last_path, load_checkpoint, pick_device,
+                         save_checkpoint, set_seed)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def squares(n: int, seed: int) -> QuickDrawSet:
+    """Two learnable classes: a hollow square outline (0) or a filled square (1), random size and place."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    labels = torch.arange(n) % 2
+    for i in range(n):
+        side = int(torch.randint(8, 16, (), generator=g))
+        r, c = torch.randint(0, 28 - side, (2,), generator=g).tolist()
+        images[i, r:r + side, c:c + side] = 255
+        if labels[i] == 0:
+            images[i, r + 2:r + side - 2, c + 2:c + side - 2] = 0
+    return QuickDrawSet(images, labels, ["outline", "filled"])
+
+
+TRAIN, VAL = squares(192, seed=1), squares(64, seed=2)
+# One thread: on a busy machine two OpenMP threads wait on each other at every barrier.
+QUIET = dict(progress=False, num_threads=1)
+
+
+def test_a_learnable_problem_is_learned():
+    set_seed(0)
+    model = build_model("v1", 2)
+    history = fit(model, TRAIN, VAL, TrainConfig(model="v1", epochs=6, batch_size=16, lr=3e-3, **QUIET))
+    assert history["val_acc"][-1] >= 0.95
+    assert history["train_loss"][-1] < history["train_loss"][0] / 3
+    assert history["train_images"] == 6 * len(TRAIN)
+    assert history["train_images_per_s"] > 0 and history["stopped"] == "completed"
+
+
+def test_dry_run_checkpoint_and_history_restore_the_best_model(tmp_path):
+    set_seed(0)
+    model = build_model("v2", 2)
+    out = tmp_path / "models" / "v2.pt"
+    config = TrainConfig(model="v2", epochs=2, batch_size=8, dry_run=True, **QUIET)
+    history = fit(model, TRAIN, VAL, config, out=out)
+    assert history["train_images"] == 2 * 2 * 8  # two batches per epoch
+    assert json.loads(history_path(out).read_text()) == json.loads(json.dumps(history))
+    loaded, ckpt = load_checkpoint(out)
+    assert ckpt["model_name"] == "v2" and ckpt["classes"] == ["outline", "filled"]
+    assert ckpt["config"] == dataclasses.asdict(config)
+    assert ckpt["history"]["best_epoch"] == history["best_epoch"]
+    x = torch.rand(5, 1, 28, 28)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_early_stopping_after_patience_epochs_without_a_lower_val_loss(tmp_path, monkeypatch):
+    val_losses = iter([1.0, 0.8, 0.9, 0.85, 0.81, 0.5, 0.4])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (next(val_losses), 0.5))
+    set_seed(0)
+    model = build_model("v1", 2)
+    out = tmp_path / "v1.pt"
+    history = fit(model, TRAIN, VAL, TrainConfig(model="v1", epochs=7, batch_size=32, patience=3, **QUIET), out=out)
+    # best at epoch 2, then 3 epochs without improvement: stop after epoch 5 (0.5 and 0.4 never seen)
+    assert history["val_loss"] == [1.0, 0.8, 0.9, 0.85, 0.81]
+    assert history["best_epoch"] == 2 and history["stopped"] == "early_stopping"
+    loaded, ckpt = load_checkpoint(out)
+    assert len(ckpt["history"]["val_loss"]) == 2  # saved when epoch 2 was the best
+    for key, value in loaded.state_dict().items():  # and the model returned holds the best epoch too
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("schedule", ["none", "onecycle"])
+def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, schedule):
+    config = TrainConfig(model="v1", epochs=4, batch_size=32, schedule=schedule, patience=None, **QUIET)
+
+    def run(out, epochs, resume=False):
+        set_seed(0)
+        fit(build_model("v1", 2), TRAIN, VAL, dataclasses.replace(config, epochs=epochs), out=out, resume=resume)
+        return torch.load(last_path(out), weights_only=True)
+
+    straight = run(tmp_path / "a.pt", 4)
+    # The same run killed during its third epoch, then resumed from the end of the second.
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def killed_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", 4)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    assert len(json.loads(history_path(tmp_path / "b.pt").read_text())["train_loss"]) == 2
+    resumed = run(tmp_path / "b.pt", 4, resume=True)
+    assert len(resumed["history"]["train_loss"]) == 4
+    np.testing.assert_allclose(resumed["history"]["train_loss"], straight["history"]["train_loss"], rtol=1e-5)
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_a_checkpoint_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="v1.last.pt"):
+        fit(build_model("v1", 2), TRAIN, VAL, TrainConfig(model="v1", **QUIET), out=tmp_path / "v1.pt", resume=True)
+
+
+def test_xl_trains_on_five_copies_of_the_train_split_only():
+    history = fit(build_model("v1", 2), TRAIN, VAL, TrainConfig(model="v1", epochs=1, batch_size=64, augment="xl",
+                                                                 **QUIET))
+    assert history["train_images"] == 5 * len(TRAIN)  # original, two turns, two flips
+
+
+def test_online_augmentation_is_reproducible_by_seed_and_changes_the_batches():
+    def losses(augment, seed):
+        set_seed(0)
+        config = TrainConfig(model="v2", epochs=2, batch_size=32, augment=augment, seed=seed, dry_run=True, **QUIET)
+        return fit(build_model("v2", 2), TRAIN, VAL, config)["train_loss"]
+
+    assert losses("online", 0) == losses("online", 0)
+    assert losses("online", 0) != losses("online", 1) != losses("none", 1)
+
+
+def test_bf16_channels_last_sgd_cosine_still_learn():
+    set_seed(0)
+    config = TrainConfig(model="resnet", epochs=2, batch_size=16, lr=0.01, optimizer="sgd", schedule="cosine",
+                         bf16=True, channels_last=True, label_smoothing=0.1, patience=None, **QUIET)
+    history = fit(build_model("resnet", 2), TRAIN, VAL, config)
+    # Training accuracy: after 24 steps the BatchNorm running statistics still lag the weights, so
+    # eval-mode scores on this toy problem say little (they are fine after the hundreds of steps of a real run).
+    assert history["train_acc"][-1] >= 0.95 and history["train_loss"][-1] < history["train_loss"][0]
+    assert history["lr"][0] == 0.01 and history["lr"][1] < 0.01  # cosine decay, stepped per batch
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_checkpoint(tmp_path / "nothing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pt"):
+        load_checkpoint(foreign)
+    mismatch = tmp_path / "mismatch.pt"  # v1 weights labelled as v2
+    save_checkpoint(mismatch, build_model("v1", 2), "v2", ["a", "b"], TrainConfig(), history={})
+    with pytest.raises(CheckpointError, match="mismatch.pt"):
+        load_checkpoint(mismatch)
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="unknown augment 'rotate'"):
+        TrainConfig(augment="rotate")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TrainConfig(schedule="step")
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda' is not available"):
+            pick_device("cuda")
+
+
+def test_set_seed_repeats_every_generator():
+    set_seed(3)
+    a = torch.rand(3), np.random.rand(3)
+    set_seed(3)
+    b = torch.rand(3), np.random.rand(3)
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_cli_dry_run_downloads_trains_and_prints_json_last(tmp_path, mirror_url):
+    out = tmp_path / "models" / "tiny.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "utils.train", "--model", "v2", "--categories", "smiley face,cloud", "--max-per-class",
+         "40", "--epochs", "1", "--augment", "online", "--data", str(tmp_path / "data"), "--out", str(out),
+         "--base-url", mirror_url, "--dry-run", "--no-progress", "--batch-size", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["model"] == "v2" and result["params"] == 182_250 - 2_570 + 2 * 256 + 2
+    for split in ("val", "test"):
+        assert result[split]["n"] == 8  # 10% of 40 drawings of each of 2 categories: the whole split
+        assert 0 <= result[split]["top1"] <= result[split]["top3"] == 1.0
+    assert result["train_seconds"] > 0 and result["train_images_per_s"] > 0
+    assert np.load(tmp_path / "data" / "numpy_bitmap" / "smiley face.npy").shape == (40, 784)
+    _, ckpt = load_checkpoint(out)
+    assert ckpt["classes"] == ["smiley face", "cloud"] and ckpt["metrics"]["test"]["n"] == 8
+
+
+def test_cli_reports_an_unknown_category(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "utils.train", "--categories", "alarm_clock", "--data",
+                           str(tmp_path), "--out", str(tmp_path / "m.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "alarm clock" in proc.stderr

@@ -1,0 +1,107 @@
+"""Doodle classifiers for 28x28 Quick, Draw! bitmaps.
+
+Every model takes x float32 (B, 1, 28, 28) in [0, 1] (see utils.data.to_float) and returns
+logits (B, n_classes).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuickDrawCNN_V1(nn.Module):
+    """The original study's first network: two 5x5 conv blocks and one linear layer."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # (B,16,14,14)
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B,32,7,7)
+        )
+        self.classifier = nn.Linear(32 * 7 * 7, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))  # (B,1568) -> (B,C)
+
+
+class QuickDrawCNN_V2(nn.Module):
+    """The original study's second network, layer for layer as its table gives it."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 5, padding=2), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),   # (B,16,14,14)
+            nn.Conv2d(16, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # (B,32,7,7)
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # (B,64,3,3)
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 3 * 3, 256), nn.ReLU(), nn.Dropout(0.3),  # (B,256)
+            nn.Linear(256, n_classes),                               # (B,C)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class ConvBN(nn.Sequential):
+    """3x3 conv (no bias: BN follows) + BatchNorm + ReLU, same spatial size."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 ConvBN layers with an identity shortcut (channels and size unchanged)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = ConvBN(channels, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(self.conv1(x))))
+
+
+class QuickDrawResNet(nn.Module):
+    """A small ResNet for 28x28 doodles: widen, pool, one residual block per stage, global pool.
+
+    Stages at 28, 14 and 7 pixels keep the strokes' detail early, and global average pooling keeps
+    the head small (no 576x256 dense layer as in V2).
+    """
+
+    def __init__(self, n_classes: int, widths: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.2):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.stem = ConvBN(1, w1)                                   # (B,w1,28,28)
+        self.stage1 = ResidualBlock(w1)                             # (B,w1,28,28)
+        self.stage2 = nn.Sequential(nn.MaxPool2d(2), ConvBN(w1, w2), ResidualBlock(w2))  # (B,w2,14,14)
+        self.stage3 = nn.Sequential(nn.MaxPool2d(2), ConvBN(w2, w3), ResidualBlock(w3))  # (B,w3,7,7)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B,w3)
+            nn.Dropout(dropout), nn.Linear(w3, n_classes),  # (B,C)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage3(self.stage2(self.stage1(self.stem(x)))))
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "v1": QuickDrawCNN_V1,
+    "v2": QuickDrawCNN_V2,
+    "resnet": QuickDrawResNet,
+}
+
+
+def build_model(name: str, n_classes: int) -> nn.Module:
+    """Instantiate a registered model by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    if not isinstance(n_classes, int) or n_classes < 1:
+        raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+    return MODELS[name](n_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,352 @@
+"""The study behind notebook.ipynb: its settings, its training runs and how their results are reported.
+
+Settings come from StudyConfig (defaults: the original study's ten categories and recipe) and can be
+overridden from the environment without editing the notebook:
+
+    QD_CATEGORIES      comma-separated official names, e.g. "dog,alarm clock"   (default: the original ten)
+    QD_MAX_PER_CLASS   drawings per category, or "all"                           (default: all)
+    QD_EPOCHS          epochs for every run, or "recipe"                         (default: each run's recipe)
+    QD_BATCH_SIZE      batch size for every run, or "recipe"                     (default: each run's recipe)
+    QD_SEED            seed of the split, the initial weights and the batches    (default: 0)
+    QD_DEVICE          auto, cpu, cuda or mps                                     (default: auto)
+    QD_MODELS          comma-separated runs to train, from RUNS                  (default: all of RUNS)
+    QD_THREADS         torch CPU threads                                          (default: torch's choice)
+    QD_PROGRESS        live progress bars, 1 or 0 (0 for headless runs: a saved notebook
+                       keeps only their first frame)                              (default: 1)
+    QD_WORKERS         parallel downloads                                         (default: 4)
+    QD_DATA_DIR, QD_MODELS_DIR, QD_FIGURES_DIR   folders (default: data, models, reports/figures)
+    QUICKDRAW_BASE_URL data source: the bucket root or a mirror of its layout, URL or folder
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import plots
+from utils.data import QuickDrawSet
+from utils.download import bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
+from utils.metrics import evaluate_model, predict_logits
+from utils.models import build_model, count_parameters
+from utils.train import TrainConfig, fit, pick_device, save_checkpoint, set_seed
+
+ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
+                       "cruise ship", "beard"]
+# The original study's recipe: Adam at 1e-3, batches of 64, all 10 epochs (no early stopping).
+ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None)
+# Our recipe: one-cycle AdamW, label smoothing, a fresh random turn and flip per batch, large batches;
+# bfloat16 autocast and channels-last memory: faster on CPUs with AMX/AVX512-BF16 (and on CUDA).
+OUR_RECIPE = dict(batch_size=256, optimizer="adamw", lr=3e-3, schedule="onecycle", label_smoothing=0.1,
+                  augment="online", bf16=True, channels_last=True, patience=None)  # one-cycle: the last epochs are best
+# Each run: TrainConfig fields. "V2-XL" is V2 on the training split plus rotated and flipped copies,
+# made after the split (augment="xl"), never a copy of a validation or test drawing.
+RUNS: dict[str, dict] = {
+    "V1": dict(model="v1", **ORIGINAL_RECIPE),
+    "V2": dict(model="v2", **ORIGINAL_RECIPE),
+    "V2-XL": dict(model="v2", **ORIGINAL_RECIPE, augment="xl"),
+    "V2-tuned": dict(model="v2", epochs=15, **OUR_RECIPE, weight_decay=1e-4),
+    "ResNet": dict(model="resnet", epochs=10, **OUR_RECIPE, weight_decay=5e-4),
+}
+METRICS = ("top1", "top3", "map3")
+NONE_MEANS = {"max_per_class": "all", "epochs": "each run's recipe", "batch_size": "each run's recipe",
+              "threads": "torch's choice"}
+
+
+@dataclass
+class StudyConfig:
+    """Everything the notebook's run depends on; `from_env()` applies the QD_* overrides."""
+    categories: list[str] = field(default_factory=lambda: list(ORIGINAL_CATEGORIES))
+    max_per_class: int | None = None  # None: every drawing of each category
+    epochs: int | None = None         # None: each run's recipe (the original study's 10)
+    batch_size: int | None = None     # None: each run's recipe (the original study's 64)
+    seed: int = 0
+    device: str = "auto"
+    models: list[str] = field(default_factory=lambda: list(RUNS))
+    data_dir: str = "data"
+    base_url: str | None = None       # None: QUICKDRAW_BASE_URL, else the official bucket
+    models_dir: str = "models"
+    figures_dir: str = "reports/figures"
+    threads: int | None = None        # None: torch's choice
+    progress: bool = True             # live progress bars; per-epoch summaries are printed either way
+    workers: int = 4
+    overrides: dict[str, str] = field(default_factory=dict, repr=False)  # field -> the variable that set it
+
+    def __post_init__(self):
+        self.categories = resolve_categories(self.categories)
+        unknown = [m for m in self.models if m not in RUNS]
+        if unknown or not self.models:
+            raise ValueError(f"unknown runs {unknown or self.models}; choose from {', '.join(RUNS)}")
+        for name in ("max_per_class", "epochs", "batch_size", "threads", "workers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> "StudyConfig":
+        """Defaults, overridden by whichever QD_* / QUICKDRAW_BASE_URL variables are set."""
+        environ = os.environ if environ is None else environ
+        values, overrides = {}, {}
+        for var, (name, parse) in ENV.items():
+            raw = environ.get(var, "").strip()
+            if raw:
+                try:
+                    values[name] = parse(raw)
+                except ValueError as e:
+                    raise ValueError(f"{var}={raw!r}: {e}") from None
+                overrides[name] = var
+        return cls(**values, overrides=overrides)
+
+    def train_config(self, run: str) -> TrainConfig:
+        """The TrainConfig of one run: its recipe, with the study-wide overrides on top."""
+        recipe = dict(RUNS[run], seed=self.seed, device=self.device, num_threads=self.threads, progress=self.progress)
+        recipe.update({k: getattr(self, k) for k in ("epochs", "batch_size") if getattr(self, k) is not None})
+        return TrainConfig(**recipe)
+
+    def describe(self) -> str:
+        """One line per setting, saying which came from the environment."""
+        lines = []
+        for f in dataclasses.fields(self):
+            if f.name == "overrides":
+                continue
+            value = getattr(self, f.name)
+            note = f"   <- {self.overrides[f.name]}" if f.name in self.overrides else ""
+            if f.name == "base_url":
+                value = resolve_base_url(value)
+            elif value is None:
+                value = NONE_MEANS.get(f.name, value)
+            lines.append(f"{f.name:>14}: {value}{note}")
+        return "\n".join(lines)
+
+
+def _names(raw: str) -> list[str]:
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+def _count(raw: str, none_word: str) -> int | None:
+    if raw.lower() == none_word:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a positive integer or {none_word!r}") from None
+    if value < 1:
+        raise ValueError(f"expected a positive integer or {none_word!r}")
+    return value
+
+
+def _flag(raw: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if raw.lower() not in words:
+        raise ValueError("expected 1 or 0 (true/false, yes/no, on/off)")
+    return words[raw.lower()]
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+ENV = {
+    "QD_CATEGORIES": ("categories", lambda s: resolve_categories(_names(s))),
+    "QD_MAX_PER_CLASS": ("max_per_class", lambda s: _count(s, "all")),
+    "QD_EPOCHS": ("epochs", lambda s: _count(s, "recipe")),
+    "QD_BATCH_SIZE": ("batch_size", lambda s: _count(s, "recipe")),
+    "QD_SEED": ("seed", _int),
+    "QD_DEVICE": ("device", str),
+    "QD_MODELS": ("models", _names),
+    "QD_THREADS": ("threads", lambda s: _count(s, "auto")),
+    "QD_PROGRESS": ("progress", _flag),
+    "QD_WORKERS": ("workers", lambda s: _count(s, "default")),
+    "QD_DATA_DIR": ("data_dir", str),
+    "QD_MODELS_DIR": ("models_dir", str),
+    "QD_FIGURES_DIR": ("figures_dir", str),
+    "QUICKDRAW_BASE_URL": ("base_url", str),
+}
+
+
+def download(config: StudyConfig) -> dict[str, Path]:
+    """Fetch (or find cached) the bitmaps of every category, with progress bars."""
+    return download_bitmaps(config.categories, root=config.data_dir, max_per_class=config.max_per_class,
+                            base_url=config.base_url, workers=config.workers, progress=config.progress)
+
+
+def summary_on_disk(config: StudyConfig) -> str:
+    """What the study will read: drawings and megabytes per category file."""
+    rows, total_n, total_mb = [], 0, 0.0
+    for name in config.categories:
+        path = bitmap_path(config.data_dir, name)
+        n = len(np.load(path, mmap_mode="r"))
+        mb = path.stat().st_size / 1e6
+        total_n, total_mb = total_n + n, total_mb + mb
+        used = n if config.max_per_class is None else min(n, config.max_per_class)
+        rows.append(f"{name:>16}  {n:>9,} drawings  {mb:8.1f} MB  ({used:,} used)")
+    rows.append(f"{'total':>16}  {total_n:>9,} drawings  {total_mb:8.1f} MB  in {Path(config.data_dir).resolve()}")
+    return "\n".join(rows)
+
+
+def describe_splits(**splits: QuickDrawSet) -> str:
+    """Sizes of each split, overall and for the smallest and largest class."""
+    lines = []
+    for name, ds in splits.items():
+        counts = ds.counts()
+        lines.append(f"{name:>6}: {len(ds):>9,} drawings, {int(counts.min()):,} to {int(counts.max()):,} per class")
+    return "\n".join(lines)
+
+
+def examples(ds: QuickDrawSet, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """One random drawing from each of the first n categories, uint8 (n, 28, 28)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.nonzero(ds.labels == c).flatten() for c in range(min(n, len(ds.classes)))]
+    return ds.images[torch.stack([idx[torch.randint(len(idx), (), generator=g)] for idx in picks])]
+
+
+def slug(run: str) -> str:
+    """File-name form of a run name: "V2-XL" -> "v2-xl"."""
+    return run.lower().replace(" ", "-")
+
+
+def train_and_evaluate(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet,
+                       config: StudyConfig) -> dict:
+    """Train run `name` (see RUNS) with utils.train.fit, then score its best epoch on the whole validation
+    and test splits. The checkpoint, with those scores, is <models_dir>/<slug>.pt."""
+    tc = config.train_config(name)
+    device = pick_device(tc.device)
+    set_seed(config.seed)  # the same initial weights for every rerun
+    model = build_model(tc.model, len(train.classes))
+    out = Path(config.models_dir) / f"{slug(name)}.pt"
+    history = fit(model, train, val, tc, out=out)  # returns with the best epoch's weights loaded
+    scores = {split: evaluate_model(model, ds, device) for split, ds in (("val", val), ("test", test))}
+    metrics = {split: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for split, s in scores.items()}
+    save_checkpoint(out, model, tc.model, train.classes, tc, history, metrics=metrics)  # now with its scores
+    return dict(
+        name=name, model_name=tc.model, recipe=dataclasses.asdict(tc), params=count_parameters(model),
+        train_seconds=history["train_seconds"], images_per_s=history["train_images_per_s"],
+        epochs=len(history["train_loss"]), best_epoch=history.get("best_epoch"), history=history,
+        checkpoint=str(out), classes=list(train.classes), **metrics,
+        per_class=scores["test"]["per_class"], confusion=scores["test"]["confusion"],
+        test_pred=predict_logits(model, test.images, device=device).argmax(1).tolist(),
+    )
+
+
+def run(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet, config: StudyConfig) -> dict | None:
+    """train_and_evaluate, then its loss and accuracy curves (saved as curves_<slug>.png).
+    None, with a note, when the run is not among config.models."""
+    if name not in config.models:
+        print(f"{name} skipped: not in config.models ({', '.join(config.models)})")
+        return None
+    tc = config.train_config(name)
+    print(f"{name} on the {len(train):,} drawings of the training split: "
+          + ", ".join(f"{k}={getattr(tc, k)}" for k in RUNS[name]))
+    result = train_and_evaluate(name, train, val, test, config)
+    print(history_table(result["history"]))
+    plots.save_figure(plots.curves(result["history"], name), f"curves_{slug(name)}", config.figures_dir)
+    print(f"{name}: val top-1 {result['val']['top1']:.2%}, test top-1 {result['test']['top1']:.2%}, "
+          f"{result['train_seconds']:.0f} s of training, checkpoint {result['checkpoint']}")
+    return result
+
+
+def completed(*results: dict | None) -> list[dict]:
+    """The runs that were trained (skipped ones are None)."""
+    return [r for r in results if r is not None]
+
+
+def best_result(results: list[dict], split: str = "val", metric: str = "top1") -> dict:
+    """The run with the highest validation top-1 by default: chosen without looking at the test split."""
+    if not results:
+        raise ValueError("no results to choose from")
+    return max(results, key=lambda r: r[split][metric])
+
+
+class Table:
+    """Rows of a comparison; shows as a Markdown table in Jupyter and as aligned text elsewhere."""
+
+    def __init__(self, columns: list[str], rows: list[list[str]]):
+        self.columns, self.rows = columns, rows
+
+    def __str__(self) -> str:
+        cells = [self.columns] + self.rows
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+
+        def line(r):  # first column left-aligned, numbers right-aligned
+            return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+        rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+        return "\n".join([line(self.columns), rule] + [line(r) for r in self.rows])
+
+    __repr__ = _repr_markdown_ = __str__
+
+
+def history_table(history: dict) -> Table:
+    """One row per epoch of a fit() history; the kept (best) epoch is marked with *."""
+    rows = [[f"{e + 1}{' *' if e + 1 == history.get('best_epoch') else ''}",
+             f"{history['train_loss'][e]:.4f}", f"{history['train_acc'][e]:.2%}",
+             f"{history['val_loss'][e]:.4f}", f"{history['val_acc'][e]:.2%}", f"{history['epoch_seconds'][e]:.1f}"]
+            for e in range(len(history["train_loss"]))]
+    return Table(["epoch", "train loss", "train acc", "val loss", "val acc", "seconds"], rows)
+
+
+def comparison_table(results: list[dict]) -> Table:
+    """Parameters, training time and speed, and validation and test scores of every run.
+    The run chosen as best (by validation top-1) is marked with *."""
+    best = best_result(results)["name"] if results else None
+    columns = ["model", "params", "train s", "images/s", "epochs"] + [
+        f"{split} {plots.METRIC_NAMES[m]}" for split in ("val", "test") for m in METRICS]
+    rows = [[r["name"] + (" *" if r["name"] == best else ""), f"{r['params']:,}", f"{r['train_seconds']:.1f}",
+             f"{r['images_per_s']:,.0f}", str(r["epochs"])]
+            + [f"{100 * r[split][m]:.2f}%" for split in ("val", "test") for m in METRICS] for r in results]
+    return Table(columns, rows)
+
+
+def _most_confused(result: dict) -> tuple[str, str, float]:
+    cm = torch.tensor(result["confusion"], dtype=torch.float64)
+    rates = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    rates.fill_diagonal_(0)
+    i, j = divmod(int(rates.argmax()), len(cm))
+    return result["classes"][i], result["classes"][j], float(rates[i, j])
+
+
+def findings(results: list[dict]) -> list[str]:
+    """The study's conclusions, computed from the results of this run."""
+    if not results:
+        return ["no run was trained"]
+    by = {r["name"]: r for r in results}
+    best = best_result(results)
+    n_test = best["test"]["n"]
+    out = [f"Best by validation top-1: {best['name']} ({best['params']:,} parameters): test top-1 "
+           f"{best['test']['top1']:.2%}, top-3 {best['test']['top3']:.2%}, MAP@3 {best['test']['map3']:.2%} "
+           f"on all {n_test:,} test drawings ({len(best['classes'])} categories)."]
+    for a, b, what in (("V2", "V1", "batch norm, a third conv block and dropout"),
+                       ("V2-XL", "V2", "training on rotated and flipped copies"),
+                       ("V2-tuned", "V2", "the same network, our recipe"),
+                       ("ResNet", "V2", "the residual network and our recipe")):
+        if a in by and b in by:
+            ta, tb = by[a]["test"]["top1"], by[b]["test"]["top1"]
+            out.append(f"{a} vs {b} ({what}): test top-1 {tb:.2%} -> {ta:.2%} ({100 * (ta - tb):+.2f} points), "
+                       f"{by[a]['train_seconds'] / max(by[b]['train_seconds'], 1e-9):.1f}x the training time.")
+    fastest = max(results, key=lambda r: r["images_per_s"])
+    out.append(f"Fastest training: {fastest['name']} at {fastest['images_per_s']:,.0f} images/s.")
+    per_class = best["per_class"]
+    worst = int(np.argmin(per_class))
+    true, pred, rate = _most_confused(best)
+    out.append(f"{best['name']}'s hardest category: {best['classes'][worst]} ({per_class[worst]:.2%} right); "
+               f"most frequent confusion: {true} taken for {pred} ({rate:.2%} of {true} drawings).")
+    gap = best["val"]["top1"] - best["test"]["top1"]
+    out.append(f"{best['name']}: validation and test top-1 differ by {100 * abs(gap):.2f} points "
+               f"({best['val']['n']:,} and {n_test:,} drawings, both held out before any augmentation).")
+    return out
+
+
+def save_best(best: dict, config: StudyConfig) -> Path:
+    """Copy the best run's checkpoint to <models_dir>/best.pt for the web API."""
+    dest = Path(config.models_dir) / "best.pt"
+    tmp = dest.with_suffix(".pt.tmp")
+    shutil.copyfile(best["checkpoint"], tmp)
+    tmp.replace(dest)  # atomic: a reader never sees half a checkpoint
+    print(f"{best['name']} saved as {dest}; serve it with: python -m app --model {dest}")
+    return dest
