@@ -207,3 +207,13 @@ def test_cli_reports_an_unknown_category(tmp_path):
                            str(tmp_path), "--out", str(tmp_path / "m.pt")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "alarm clock" in proc.stderr
+
+
+def test_recipe_flag_sets_defaults_and_explicit_flags_win():
+    from utils.train import RECIPES, parse_args
+    args = parse_args(["--recipe", "v2-tuned", "--categories", "cat", "--epochs", "3"])
+    recipe = RECIPES["v2-tuned"]
+    assert (args.model, args.batch_size, args.schedule, args.augment) == (
+        recipe["model"], recipe["batch_size"], recipe["schedule"], recipe["augment"])
+    assert args.epochs == 3 != recipe["epochs"]
+    assert parse_args(["--categories", "cat"]).batch_size == TrainConfig().batch_size

@@ -33,25 +33,13 @@ from utils.data import QuickDrawSet
 from utils.download import bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
 from utils.metrics import evaluate_model, predict_logits
 from utils.models import build_model, count_parameters
-from utils.train import TrainConfig, fit, pick_device, save_checkpoint, set_seed
+from utils.train import RECIPES, TrainConfig, fit, pick_device, save_checkpoint, set_seed
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
-# The original study's recipe: Adam at 1e-3, batches of 64, all 10 epochs (no early stopping).
-ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None)
-# Our recipe: one-cycle AdamW, label smoothing, a fresh random turn and flip per batch, large batches;
-# bfloat16 autocast and channels-last memory: faster on CPUs with AMX/AVX512-BF16 (and on CUDA).
-OUR_RECIPE = dict(batch_size=256, optimizer="adamw", lr=3e-3, schedule="onecycle", label_smoothing=0.1,
-                  augment="online", bf16=True, channels_last=True, patience=None)  # one-cycle: the last epochs are best
-# Each run: TrainConfig fields. "V2-XL" is V2 on the training split plus rotated and flipped copies,
-# made after the split (augment="xl"), never a copy of a validation or test drawing.
-RUNS: dict[str, dict] = {
-    "V1": dict(model="v1", **ORIGINAL_RECIPE),
-    "V2": dict(model="v2", **ORIGINAL_RECIPE),
-    "V2-XL": dict(model="v2", **ORIGINAL_RECIPE, augment="xl"),
-    "V2-tuned": dict(model="v2", epochs=15, **OUR_RECIPE, weight_decay=1e-4),
-    "ResNet": dict(model="resnet", epochs=10, **OUR_RECIPE, weight_decay=5e-4),
-}
+# Each run of the notebook and its recipe (utils.train.RECIPES).
+RUNS: dict[str, dict] = {"V1": RECIPES["v1"], "V2": RECIPES["v2"], "V2-XL": RECIPES["v2-xl"],
+                         "V2-tuned": RECIPES["v2-tuned"], "ResNet": RECIPES["resnet"]}
 METRICS = ("top1", "top3", "map3")
 NONE_MEANS = {"max_per_class": "all", "epochs": "each run's recipe", "batch_size": "each run's recipe",
               "threads": "torch's choice"}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from utils.augment import RandomAugment, xl_augment
 from utils.data import QuickDrawSet, iterate_batches, load_bitmaps, split
+from utils.download import download_bitmaps, resolve_categories
 from utils.metrics import evaluate_model, predict_logits
 from utils.models import MODELS, build_model, count_parameters
 
@@ -70,6 +71,24 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, {self.lr})")
+
+
+# Named recipes: TrainConfig fields. The original study's: Adam at 1e-3, batches of 64, all 10 epochs.
+# Ours, chosen on validation scores: a fresh random turn, flip, zoom and shift per batch, one-cycle AdamW,
+# label smoothing, large batches, bf16 autocast and channels-last (fast on CPUs with AMX/AVX512-BF16 and
+# on GPUs). One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split
+# plus its rotated and flipped copies (augment="xl", made after the split).
+ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None)
+OUR_RECIPE = dict(batch_size=256, optimizer="adamw", lr=3e-3, schedule="onecycle", label_smoothing=0.1,
+                  augment="online", aug_degrees=15.0, aug_hflip=0.5, aug_scale=0.1, aug_shift=0.05,
+                  bf16=True, channels_last=True, patience=None)
+RECIPES: dict[str, dict] = {
+    "v1": dict(ORIGINAL_RECIPE, model="v1"),
+    "v2": dict(ORIGINAL_RECIPE, model="v2"),
+    "v2-xl": dict(ORIGINAL_RECIPE, model="v2", augment="xl"),
+    "v2-tuned": dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4),
+    "resnet": dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5),
+}
 
 
 class CheckpointError(ValueError):
@@ -367,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="checkpoint path (default: models/<model>.pt)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 split (default: --seed)")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="start from a named recipe (utils.train.RECIPES); flags given as well override it")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model",):
             continue
@@ -380,12 +401,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         else:
             kind = {"patience": int, "num_threads": int, "max_minutes": float}.get(f.name, type(default))
             p.add_argument(flag, type=kind, default=default)
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe:
+        p.set_defaults(**RECIPES[recipe])
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from utils.download import download_bitmaps, resolve_categories  # the network side only where needed
-
     args = parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = Path(args.out or f"models/{config.model}.pt")
