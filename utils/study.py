@@ -31,9 +31,9 @@ import torch
 from utils import plots
 from utils.data import QuickDrawSet
 from utils.download import bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
-from utils.metrics import evaluate_model, predict_logits
+from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
-from utils.train import RECIPES, TrainConfig, fit, pick_device, save_checkpoint, set_seed
+from utils.train import RECIPES, TrainConfig, fit, pick_device, score_and_save, set_seed
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
@@ -211,9 +211,7 @@ def train_and_evaluate(name: str, train: QuickDrawSet, val: QuickDrawSet, test: 
     model = build_model(tc.model, len(train.classes))
     out = Path(config.models_dir) / f"{slug(name)}.pt"
     history = fit(model, train, val, tc, out=out)  # returns with the best epoch's weights loaded
-    scores = {split: evaluate_model(model, ds, device) for split, ds in (("val", val), ("test", test))}
-    metrics = {split: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for split, s in scores.items()}
-    save_checkpoint(out, model, tc.model, train.classes, tc, history, metrics=metrics)  # now with its scores
+    scores, metrics = score_and_save(out, model, tc, train.classes, history, val=val, test=test)
     return dict(
         name=name, model_name=tc.model, recipe=dataclasses.asdict(tc), params=count_parameters(model),
         train_seconds=history["train_seconds"], images_per_s=history["train_images_per_s"],

@@ -370,6 +370,19 @@ def _save_progress(out, model, best_state, classes, config, history, optimizer, 
 
 # --------------------------------------------------------------------------------------------- command line
 
+def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str], history: dict,
+                   **splits: QuickDrawSet) -> tuple[dict, dict]:
+    """Score the model on each whole split and re-save its checkpoint with those scores.
+
+    Returns (full scores per split, as evaluate_model gives them; the summary stored in the checkpoint).
+    """
+    device = pick_device(config.device)
+    scores = {name: evaluate_model(model, part, device, config.eval_batch_size) for name, part in splits.items()}
+    metrics = {name: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for name, s in scores.items()}
+    save_checkpoint(out, model, config.model, classes, config, history, metrics=metrics)
+    return scores, metrics
+
+
 def _categories(values: list[str]) -> list[str]:
     """Names as separate arguments or comma-separated (no official name has a comma)."""
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
@@ -420,10 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(config.model, len(categories))
     history = fit(model, train, val, config, out=out, resume=args.resume)
     model, _ = load_checkpoint(out)  # the best epoch
-    device = pick_device(config.device)
-    scores = {name: evaluate_model(model, part, device, config.eval_batch_size) for name, part in (("val", val), ("test", test))}
-    metrics = {name: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for name, s in scores.items()}
-    save_checkpoint(out, model, config.model, categories, config, history, metrics=metrics)
+    _, metrics = score_and_save(out, model, config, categories, history, val=val, test=test)
     return dict(model=config.model, params=count_parameters(model), checkpoint=str(out), **metrics,
                 train_images_per_s=history["train_images_per_s"], train_seconds=history["train_seconds"],
                 epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
