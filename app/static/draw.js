@@ -18,7 +18,7 @@
   let strokes = [];      // finished strokes
   let current = null;    // the stroke being drawn, or null
   let pointerId = null;  // the pointer drawing it (a second finger is ignored)
-  let startTime = null;  // performance.now() at the drawing's first point
+  let startTime = null;  // event.timeStamp (performance.now() clock) of the drawing's first point
   let lastAsked = 0;     // when /predict was last asked
   let timer = null;      // pending throttled ask
   let asked = 0;         // number of the latest ask; older answers are dropped
@@ -63,7 +63,7 @@
     if (n && xs[n - 1] === x && ys[n - 1] === y) return;
     xs.push(x);
     ys.push(y);
-    ts.push(Math.round(performance.now() - startTime));
+    ts.push(Math.max(0, Math.round(event.timeStamp - startTime)));  // the sample's own time, not the handler's
     if (n) {  // extend the line by one segment instead of redrawing everything
       ctx.beginPath();
       ctx.moveTo(xs[n - 1], ys[n - 1]);
@@ -77,7 +77,7 @@
     event.preventDefault();
     canvas.setPointerCapture(event.pointerId);
     pointerId = event.pointerId;
-    if (startTime === null) startTime = performance.now();
+    if (startTime === null) startTime = event.timeStamp;
     current = [[], [], []];
     addPoint(event);
     redraw();
