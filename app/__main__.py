@@ -11,11 +11,19 @@ from app.api import create_app
 from app.service import CheckpointError, Classifier
 
 
+def port(text: str) -> int:
+    """argparse type: a TCP port number (a bad one is an error line, not a traceback from the socket)."""
+    number = int(text)  # not a number: argparse answers "invalid port value"
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port number (1 to 65535)")
+    return number
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app", description="Drawing page and JSON API for a doodle classifier.")
     p.add_argument("--model", type=Path, required=True, help="checkpoint written by utils.train (models/<name>.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per forward pass; requests are served one at a time, so keep it small")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

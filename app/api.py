@@ -15,6 +15,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
@@ -25,7 +26,12 @@ from app.service import SIDE, Batcher, Classifier, InputError, image_to_bitmap, 
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1_000_000
+# Bodies up to this size (nearly every single drawing) are read on the event loop, in at most ~25 ms:
+# a hop to a thread would cost more than reading them, and halves throughput under load (fewer
+# requests wait together to share a forward pass). A larger body can take a second to read.
+INLINE_BODY_BYTES = 8_192
 MAX_POINTS = 50_000
+MAX_STROKES = 1_000  # per drawing; the most in any drawing of the dataset is 55, and each costs time to draw
 # Simplifying costs time in proportion to the strokes' length at the 0..255 scale; the longest of
 # the 9,570 raw drawings of the dataset runs ~36,000 units, a scribble can run millions.
 MAX_INK_LENGTH = 250_000
@@ -50,7 +56,10 @@ def _same_lengths(stroke: list[list[float]]) -> list[list[float]]:
 
 def _rows_to_values(value):
     """28 rows of 28 -> 784 values row by row; anything else is left for the flat checks."""
-    if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+    rows = [isinstance(row, list) for row in value] if isinstance(value, list) else []
+    if any(rows) and not all(rows):  # else the flat checks would report each row as a bad number
+        raise ValueError(f"mixes rows and numbers: give {SIDE * SIDE} numbers, or {SIDE} rows of {SIDE} numbers")
+    if any(rows):
         if len(value) != SIDE or any(len(row) != SIDE for row in value):
             shape = f"{len(value)} rows of lengths {sorted({len(row) for row in value})}"
             raise ValueError(f"a nested bitmap must be {SIDE} rows of {SIDE} values, got {shape}")
@@ -95,8 +104,8 @@ class Drawing(BaseModel):
             raise ValueError(f"give exactly one of {names}" + (f", not {' and '.join(given)}" if given else ""))
         if self.strokes == []:
             raise ValueError("empty drawing: 'strokes' holds no stroke")
-        if self.bitmap is not None and not any(self.bitmap):
-            raise ValueError("empty drawing: the bitmap has no ink (every value is 0)")
+        if self.bitmap is not None and not self.to_bitmap().any():  # as the model would see it
+            raise ValueError("empty drawing: the bitmap has no ink (every value rounds to 0)")
         return self
 
     def points(self) -> int:
@@ -123,6 +132,11 @@ class PredictRequest(Drawing):
 
     @model_validator(mode="after")
     def _size_limits(self):
+        for i, drawing in enumerate(self.items()):
+            if len(drawing.strokes or ()) > MAX_STROKES:
+                which = "the drawing" if self.drawings is None else f"drawings[{i}]"
+                raise PydanticCustomError("too_large", f"too many strokes: {which} has {len(drawing.strokes):,}, "
+                                          f"at most {MAX_STROKES:,} per drawing")
         points = sum(d.points() for d in self.items())
         if points > MAX_POINTS:
             raise PydanticCustomError("too_large", f"too many points: {points} in the request, at most {MAX_POINTS}")
@@ -134,6 +148,12 @@ class PredictRequest(Drawing):
 
     def items(self) -> list[Drawing]:
         return self.drawings if self.drawings is not None else [self]
+
+
+def read_drawings(body: bytes, n_classes: int) -> tuple[PredictRequest, np.ndarray]:
+    """A /predict body -> the request and its drawings as uint8 bitmaps (N,28,28)."""
+    request = PredictRequest.model_validate_json(body, context={"n_classes": n_classes})
+    return request, np.stack([d.to_bitmap() for d in request.items()])
 
 
 class BodyLimit:
@@ -198,8 +218,10 @@ def _validation_answer(errors: list[dict]) -> JSONResponse:
 
 def create_app(classifier: Classifier) -> FastAPI:
     """The FastAPI application serving one loaded classifier."""
-    app = FastAPI(title="Quick, Draw! doodle classifier",
-                  description="Draw on / or POST strokes, bitmaps or images to get the most likely labels.")
+    # /docs with Swagger UI's files served here, not from a CDN: it works offline. No /redoc: ReDoc
+    # fetches its logo from its vendor's site.
+    app = FastAPIOffline(title="Quick, Draw! doodle classifier", static_url="/docs-static", redoc_url=None,
+                         description="Draw on / or POST strokes, bitmaps or images to get the most likely labels.")
     app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     n_classes = len(classifier.classes)
@@ -238,12 +260,16 @@ def create_app(classifier: Classifier) -> FastAPI:
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type != "application/json" and not content_type.endswith("+json"):
             return _error(415, f"Content-Type must be application/json, got {content_type!r}")
+        raw = await request.body()
         try:
-            body = PredictRequest.model_validate_json(await request.body(), context={"n_classes": n_classes})
+            if len(raw) <= INLINE_BODY_BYTES:
+                body, bitmaps = read_drawings(raw, n_classes)
+            else:  # not on the event loop: every other request would wait
+                body, bitmaps = await run_in_threadpool(read_drawings, raw, n_classes)
         except ValidationError as e:
             return _validation_answer(e.errors(include_input=False))
         top_k = check_top_k(body.top_k, n_classes)
-        results = await batcher.predict(np.stack([d.to_bitmap() for d in body.items()]), top_k)
+        results = await batcher.predict(bitmaps, top_k)
         if body.drawings is None:  # plain JSON types already: skip FastAPI's encoder, it costs per request
             return JSONResponse({"predictions": results[0], "model": classifier.name})
         return JSONResponse({"results": [{"predictions": r} for r in results], "model": classifier.name})

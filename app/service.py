@@ -94,11 +94,12 @@ class Batcher:
             probabilities = self.classifier.probabilities(np.concatenate([b for b, _, _ in waiting]))
         except Exception as e:  # every waiting request learns of it; the service keeps going
             for _, _, future in waiting:
-                future.set_exception(e)
+                if not future.done():  # cancelled: its client went away
+                    future.set_exception(e)
             return
         start = 0
         for bitmaps, top_k, future in waiting:
-            if not future.cancelled():  # the client went away
+            if not future.done():
                 future.set_result(self.classifier.top(probabilities[start:start + len(bitmaps)], top_k))
             start += len(bitmaps)
 
@@ -146,7 +147,9 @@ def _open_image(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise InputError(f"image too large: {e}", 413) from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message only repeats the file object's repr
+        raise InputError("unreadable image: not a PNG or JPEG file", 415) from e
+    except (OSError, ValueError) as e:
         raise InputError(f"unreadable image: not a PNG or JPEG file ({e})", 415) from e
     if image.format not in ("PNG", "JPEG"):
         raise InputError(f"unsupported image format {image.format}: send a PNG or JPEG", 415)

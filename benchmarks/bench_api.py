@@ -2,7 +2,8 @@
 
 1. Raw strokes agree with the official bitmaps: for the 519 raw/bitmap pairs (line i of
    full/raw/<name>.ndjson is row i of full/numpy_bitmap/<name>.npy), /predict with the raw strokes
-   and /predict with the official bitmap give the same top-1 label (target: at least 98%).
+   and /predict with the official bitmap give the same top-1 label (target: at least 98%;
+   app.agreement, asked in batches).
 2. Throughput under load from 127.0.0.1: 16 connections, each sending single drawings of 30 to 100
    points (real raw drawings of all categories), bounded in count and time; predictions/s and
    p50/p99 latency (targets: at least 300/s, p99 under 100 ms). wrk when installed, otherwise an
@@ -10,8 +11,13 @@
    the figure measures the generator more than the service).
 3. Afterwards the service still answers, and answers the same.
 
+Prints the figures and writes them with the model, the load settings, the load average and the
+date to reports/bench_api.json (--json PATH elsewhere).
+
     .venv/bin/python benchmarks/bench_api.py                     # trains V2 for a few epochs first
     .venv/bin/python benchmarks/bench_api.py --model models/v2.pt
+    .venv/bin/python benchmarks/bench_api.py --epochs 1 --max-per-class 200 --seconds 2 --requests 200 \
+        --json /tmp/bench_api.json                               # a quick check that it runs
 """
 import argparse
 import asyncio
@@ -23,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -31,12 +38,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from app.launch import running_server  # noqa: E402  (after the path is set)
+from app.agreement import agreement, bitmap_categories, train_bitmap_model  # noqa: E402  (after the path is set)
+from app.launch import running_server  # noqa: E402
 from tests.mirror import SHARED_DIR  # noqa: E402
-from utils.data import load_bitmaps, split  # noqa: E402
-from utils.models import build_model  # noqa: E402
 from utils.strokes import read_ndjson  # noqa: E402
-from utils.train import TrainConfig, fit, save_checkpoint  # noqa: E402
+from utils.train import load_checkpoint  # noqa: E402
 
 FULL = SHARED_DIR / "full"
 WRK_SCRIPT = """
@@ -73,37 +79,26 @@ class BenchConfig:
     min_points: int = 30
     max_points: int = 100
     generator: str = "auto"      # wrk | httpx | auto (wrk where installed)
+    json: str = str(ROOT / "reports" / "bench_api.json")  # the report; "" writes none
 
 
 def train_model(config: BenchConfig, out: Path) -> Path:
-    names = bitmap_categories()
-    train, val, _ = split(load_bitmaps(names, root=FULL, max_per_class=config.max_per_class))
-    settings = TrainConfig(model="v2", epochs=config.epochs, seed=0, device="cpu",
-                           num_threads=config.train_threads, progress=False)
-    model = build_model("v2", len(names))
     t0 = time.perf_counter()
-    history = fit(model, train, val, settings)
-    print(f"trained V2 on {len(train):,} drawings of {len(names)} categories, {config.epochs} epochs: "
-          f"val top-1 {history['val_acc'][-1]:.2%}, {time.perf_counter() - t0:.0f} s")
-    save_checkpoint(out, model, "v2", names, settings, history)
+    history = train_bitmap_model(FULL, out, config.epochs, config.max_per_class, config.train_threads)
+    print(f"trained V2 on {len(bitmap_categories(FULL))} categories, at most {config.max_per_class} drawings each, "
+          f"{config.epochs} epochs: val top-1 {history['val_acc'][-1]:.2%}, {time.perf_counter() - t0:.0f} s")
     return out
 
 
-def bitmap_categories() -> list[str]:
-    return sorted(p.stem for p in (FULL / "numpy_bitmap").glob("*.npy"))
-
-
-def agreement(client: httpx.Client, names: list[str]) -> tuple[int, int]:
-    """Top-1 agreement between raw strokes and the official bitmap, over every raw/bitmap pair."""
-    agree = total = 0
-    for name in names:
-        bitmaps = np.load(FULL / "numpy_bitmap" / f"{name}.npy", mmap_mode="r")
-        for row, record in zip(bitmaps, read_ndjson(FULL / "raw" / f"{name}.ndjson")):
-            labels = [client.post("/predict", json=body | {"top_k": 1}).json()["predictions"][0]["label"]
-                      for body in ({"strokes": record["drawing"]}, {"bitmap": row.tolist()})]
-            agree += labels[0] == labels[1]
-            total += 1
-    return agree, total
+def describe_model(path: Path, config: BenchConfig) -> dict:
+    """Which model answered: name, classes, and how it was trained (as its checkpoint records)."""
+    _, ckpt = load_checkpoint(path)
+    history = ckpt["history"]
+    trained = (f"here: the first {config.max_per_class} bitmaps of each category, 80% of them to train (split seed 0)"
+               if config.model is None else "before: the checkpoint given")
+    return dict(name=ckpt["model_name"], classes=ckpt["classes"], checkpoint=config.model, trained=trained,
+                config=ckpt["config"], epochs_run=len(history.get("val_acc", [])),
+                val_top1=(history.get("val_acc") or [None])[-1], test_metrics=ckpt["metrics"])
 
 
 def load_bodies(config: BenchConfig) -> list[str]:
@@ -120,11 +115,11 @@ def load_with_wrk(url: str, bodies: list[str], config: BenchConfig, work: Path) 
     (work / "bodies.ndjson").write_text("\n".join(bodies) + "\n")
     script = work / "load.lua"
     script.write_text(WRK_SCRIPT % {"bodies": work / "bodies.ndjson", "limit": config.requests})
-    done = subprocess.run(["wrk", "-t1", f"-c{config.connections}", f"-d{config.seconds:.0f}s", "--timeout", "5s",
-                           "-s", str(script), f"{url}/predict"], capture_output=True, text=True,
+    options = ["-t1", f"-c{config.connections}", f"-d{config.seconds:.0f}s", "--timeout", "5s"]
+    done = subprocess.run(["wrk", *options, "-s", str(script), f"{url}/predict"], capture_output=True, text=True,
                           timeout=config.seconds + 60)
     line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
-    return {"tool": "wrk"} | json.loads(line.removeprefix("RESULT "))
+    return {"tool": "wrk", "options": " ".join(options)} | json.loads(line.removeprefix("RESULT "))
 
 
 async def _load(url: str, bodies: list[str], config: BenchConfig) -> dict:
@@ -149,7 +144,7 @@ async def _load(url: str, bodies: list[str], config: BenchConfig) -> dict:
         await asyncio.gather(*(connection(client) for _ in range(config.connections)))
         seconds = time.perf_counter() - t0
     ms = np.array(latencies) * 1e3
-    return {"tool": "httpx", "requests": len(ms), "seconds": seconds, "p50_ms": float(np.percentile(ms, 50)),
+    return {"tool": "httpx", "options": f"{config.connections} connections, timeout 5 s", "requests": len(ms), "seconds": seconds, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "non_2xx": failures, "socket_errors": 0}
 
 
@@ -175,25 +170,29 @@ def main(argv=None) -> dict:
     config = BenchConfig(**vars(p.parse_args(argv)))
     if not (FULL / "numpy_bitmap").is_dir():
         sys.exit(f"error: {SHARED_DIR} is absent: this benchmark needs ../shared/quickdraw")
-    print(f"load average before: {os.getloadavg()}")
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = Path(config.model) if config.model else train_model(config, work / "bench_v2.pt")
-        with running_server(model) as url, httpx.Client(base_url=url, timeout=30) as client:
+        described = describe_model(model, config)
+        with running_server(model) as url, httpx.Client(base_url=url, timeout=120) as client:
             names = client.get("/classes").json()["classes"]
-            if sorted(names) != bitmap_categories():
+            if sorted(names) != bitmap_categories(FULL):
                 sys.exit(f"error: {model} does not know the 17 bitmap categories (it has {len(names)} classes)")
             t0 = time.perf_counter()
-            agree, total = agreement(client, names)
+            agree, total = agreement(client, FULL, names)
+            agreement_seconds = time.perf_counter() - t0
             print(f"raw strokes vs official bitmap, top-1 agreement: {agree}/{total} = {agree / total:.2%} "
-                  f"(target >= 98%) [{time.perf_counter() - t0:.1f} s]")
+                  f"(target >= 98%) [{agreement_seconds:.1f} s]")
 
             bodies = load_bodies(config)
             probe = {"strokes": json.loads(bodies[0])["strokes"], "top_k": 5}
             before = client.post("/predict", json=probe).json()
+            load_at_start = os.getloadavg()
             print(f"load: {config.connections} connections, {len(bodies):,} real drawings of "
                   f"{config.min_points}-{config.max_points} points, at most {config.requests:,} requests "
-                  f"or {config.seconds:.0f} s; load average {os.getloadavg()}")
+                  f"or {config.seconds:.0f} s; load average {load_at_start}")
             use_wrk = config.generator == "wrk" or (config.generator == "auto" and shutil.which("wrk"))
             load = load_with_wrk(url, bodies, config, work) if use_wrk else load_with_httpx(url, bodies, config)
             rate = (load["requests"] - load["non_2xx"]) / load["seconds"]
@@ -207,10 +206,18 @@ def main(argv=None) -> dict:
             after = client.post("/predict", json=probe).json()
             same = after == before
             print(f"afterwards: /health {health['status']!r}, same answer to the same drawing: {same}")
-    figures = dict(agreement=agree / total, pairs=total, predictions_per_s=rate, p50_ms=load["p50_ms"],
-                   p99_ms=load["p99_ms"], failures=load["non_2xx"] + load["socket_errors"],
-                   healthy_after=health["status"] == "ok" and same, loadavg=os.getloadavg())
+    figures = dict(agreement=agree / total, agree=agree, pairs=total, agreement_seconds=agreement_seconds,
+                   predictions_per_s=rate, p50_ms=load["p50_ms"], p99_ms=load["p99_ms"], max_ms=load["max_ms"],
+                   failures=load["non_2xx"] + load["socket_errors"], healthy_after=health["status"] == "ok" and same)
     print(json.dumps(figures))
+    if config.json:
+        report = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpus=os.cpu_count(),
+                      figures=figures, model=described, settings=asdict(config),
+                      load=load | dict(max_requests=config.requests, bodies=len(bodies)),
+                      loadavg=dict(before=load_before, load_start=load_at_start, after=os.getloadavg()))
+        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json).write_text(json.dumps(report, indent=1))
+        print(f"written: {config.json}")
     return figures
 
 

@@ -4,21 +4,26 @@ Three categories with --max-per-class 700. Prints, per file, the bytes the mirro
 header + 700 x 784 (at most 110% allowed) and whether the array equals the mirror's first 700 rows;
 then the bytes a second run moves (0 expected); then a run killed half-way through (a slowed mirror)
 and started again, which must resume from its .part files and end with the same correct arrays.
+Writes the figures, with the date and load average, to reports/bench_download.json (--json elsewhere).
 Exit status 1 if any check fails.
 
     .venv/bin/python benchmarks/bench_download.py
 """
+import argparse
+import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
-from tests.mirror import SHARED_DIR, Faults, serve  # noqa: E402
+from tests.mirror import SHARED_DIR, Faults, header_size, serve  # noqa: E402
 
 CATEGORIES = ("cat", "alarm clock", "smiley face")
 N = 700
@@ -44,13 +49,6 @@ def remote(name: str) -> Path:
     return SHARED_DIR / "full" / "numpy_bitmap" / f"{name}.npy"
 
 
-def header_size(path: Path) -> int:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-        return f.tell()
-
-
 def equal_first_rows(root: Path) -> dict[str, bool]:
     out = {}
     for name in CATEGORIES:
@@ -59,17 +57,22 @@ def equal_first_rows(root: Path) -> dict[str, bool]:
     return out
 
 
-def report(label: str, ok: bool, checks: list) -> None:
-    checks.append(ok)
+def report(label: str, ok: bool, checks: dict) -> None:
+    checks[label] = ok
     print(f"{label:<88} {'ok' if ok else 'FAIL'}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=str(PROJECT / "reports" / "bench_download.json"), help="results file")
+    args = p.parse_args(argv)
     if not (SHARED_DIR / "full").is_dir():
         print(f"../shared/quickdraw not found: {SHARED_DIR} is absent; nothing to measure")
         return 2
     budget = {name: header_size(remote(name)) + N * ROW for name in CATEGORIES}
-    checks: list[bool] = []
+    checks: dict[str, bool] = {}
+    figures = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), loadavg_before=os.getloadavg(),
+                   categories=CATEGORIES, max_per_class=N, files={})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "fresh"
         with serve(SHARED_DIR) as mirror:
@@ -88,35 +91,51 @@ def main() -> int:
             ratio = moved[name] / budget[name]
             print(f"{name:<12} {budget[name] - N * ROW:>6} {budget[name]:>12,} {moved[name]:>10,} {ratio:>6.3f}  "
                   f"{equal[name]}")
-            checks += [ratio <= 1.10, equal[name]]
+            figures["files"][name] = dict(header=budget[name] - N * ROW, needed=budget[name], moved=moved[name],
+                                          ratio=ratio, equal=equal[name])
+            checks[f"{name}: moved at most 110% of needed"] = ratio <= 1.10
+            checks[f"{name}: equals the first {N} rows"] = equal[name]
         print(f"first run: {seconds:.2f} s (process start included); the CLI said: {said}")
+        figures.update(first_run_seconds=seconds, second_run_bytes=second)
         report(f"second run: {second:,} bytes moved (expected 0)", second == 0, checks)
 
-        # Killed half-way: a slowed mirror (4 KiB every 20 ms per connection), SIGKILL once half is sent.
+        # Killed half-way: a slowed mirror (4 KiB every 20 ms per connection), SIGKILL once half is sent;
+        # then the same mirror (same URL: another one's bytes would not be resumed), at full speed.
         root = Path(tmp) / "killed"
-        with serve(SHARED_DIR, Faults(delay=0.02, chunk=4096)) as slow:
-            proc = start_cli(slow.url, root)
-            while slow.bytes_sent < sum(budget.values()) // 2 and proc.poll() is None:
+        with serve(SHARED_DIR, Faults(delay=0.02, chunk=4096)) as mirror:
+            proc = start_cli(mirror.url, root)
+            while mirror.bytes_sent < sum(budget.values()) // 2 and proc.poll() is None:
                 time.sleep(0.005)
             proc.kill()
             proc.communicate()
-            at_kill = slow.bytes_sent
-        folder = root / "numpy_bitmap"
-        finals = list(folder.glob("*.npy"))
-        parts = sum(p.stat().st_size for p in folder.glob("*.npy.part"))
-        survivors_ok = all(equal_first_rows(root)[p.stem] for p in finals)  # a final file must be a right one
-        print(f"killed run: killed after {at_kill:,} of {sum(budget.values()):,} bytes sent; left "
-              f"{len(finals)} final files, {len(list(folder.glob('*.part')))} .part files ({parts:,} bytes)")
-        report("killed run: no final file that is wrong", survivors_ok and parts > 0, checks)
-        with serve(SHARED_DIR) as mirror:
+            at_kill = mirror.bytes_sent
+            before = -1
+            while before != mirror.bytes_sent:  # the answers to the killed process stop at their next write
+                before = mirror.bytes_sent
+                time.sleep(0.2)
+            folder = root / "numpy_bitmap"
+            finals = list(folder.glob("*.npy"))
+            parts = sum(p.stat().st_size for p in folder.glob("*.npy.part"))
+            survivors_ok = all(equal_first_rows(root)[p.stem] for p in finals)  # a final file must be a right one
+            print(f"killed run: killed after {at_kill:,} of {sum(budget.values()):,} bytes sent; left "
+                  f"{len(finals)} final files, {len(list(folder.glob('*.part')))} .part files ({parts:,} bytes)")
+            report("killed run: no final file that is wrong", survivors_ok and parts > 0, checks)
+            mirror.faults = Faults()
             run_cli(mirror.url, root)
-            rerun = mirror.bytes_sent
+            rerun = mirror.bytes_sent - before
         equal = equal_first_rows(root)
         report(f"rerun: moved {rerun:,} bytes = needed - .part bytes ({sum(budget.values()) - parts:,})",
                rerun == sum(budget.values()) - parts, checks)
         report(f"rerun: arrays equal the first {N} mirror rows: {list(equal.values())}", all(equal.values()), checks)
-    print("all checks passed" if all(checks) else f"{checks.count(False)} check(s) FAILED")
-    return 0 if all(checks) else 1
+        figures.update(killed_after_bytes=at_kill, killed_final_files=len(finals), killed_part_bytes=parts,
+                       rerun_bytes=rerun, rerun_expected_bytes=sum(budget.values()) - parts)
+    failed = list(checks.values()).count(False)
+    print("all checks passed" if not failed else f"{failed} check(s) FAILED")
+    figures.update(loadavg_after=os.getloadavg(), checks=checks, passed=not failed)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

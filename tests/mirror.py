@@ -1,5 +1,6 @@
-"""A local HTTP mirror for tests and benchmarks: serves a folder on 127.0.0.1 with Range support,
-counts the bytes it sends, logs requests, and misbehaves on demand (see Faults).
+"""A local HTTP mirror for tests and benchmarks: serves a folder on 127.0.0.1 with Range (and If-Range)
+support and ETag/Last-Modified validators, counts the bytes it sends, logs requests, and misbehaves on
+demand (see Faults).
 
     with serve(SHARED_DIR) as mirror:
         download_bitmaps(["cat"], base_url=mirror.url, max_per_class=700)
@@ -7,6 +8,7 @@ counts the bytes it sends, logs requests, and misbehaves on demand (see Faults).
 """
 from __future__ import annotations
 
+import email.utils
 import re
 import socket
 import threading
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared" / "quickdraw"
 
@@ -33,6 +37,7 @@ class Faults:
     drop_after: int = 1024
     ignore_range: bool = False  # always 200 with the whole file, as some servers do
     delay: float = 0.0  # seconds slept before each chunk of a body: a slow link
+    validators: bool = True  # send ETag and Last-Modified (and honour If-Range); off, as some servers are
     chunk: int = 1 << 16
 
 
@@ -41,6 +46,7 @@ class Request:
     method: str
     path: str  # unquoted, relative to the served folder
     range: str | None
+    if_range: str | None = None
     status: int = 0
     sent: int = 0  # body bytes
 
@@ -112,16 +118,24 @@ class _Handler(BaseHTTPRequestHandler):
         srv, faults = self.server, self.server.faults
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
         path = (srv.directory / rel).resolve()
-        record = Request(self.command, rel, self.headers.get("Range"))
+        record = Request(self.command, rel, self.headers.get("Range"), self.headers.get("If-Range"))
         try:
             fault = srv.next_fault() if body else None
             if isinstance(fault, int):
                 return self._empty(record, fault)
             if not path.is_relative_to(srv.directory) or not path.is_file():
                 return self._empty(record, 404)
-            size = path.stat().st_size
+            stat = path.stat()
+            size = stat.st_size
+            # Both change when the file is replaced; the ETag also within the second Last-Modified names.
+            validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}"',
+                          "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True)}
+            if not faults.validators:
+                validators = {}
             start, end, record.status = 0, size, 200
-            if record.range and not faults.ignore_range:
+            # If-Range naming another version of the file: the whole (new) file, not a range of it
+            current = record.if_range is None or record.if_range in validators.values()
+            if record.range and not faults.ignore_range and current:
                 try:
                     span = _parse_range(record.range, size)
                 except _Unsatisfiable:
@@ -132,6 +146,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(end - start))
+            for key, value in validators.items():
+                self.send_header(key, value)
             if record.status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
@@ -173,6 +189,14 @@ class _Handler(BaseHTTPRequestHandler):
                     except OSError:
                         pass
                     return
+
+
+def header_size(path: Path) -> int:
+    """Bytes of a .npy file's header, by numpy's own reader (mirror files' headers vary in length)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        return f.tell()
 
 
 @contextmanager

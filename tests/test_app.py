@@ -1,7 +1,12 @@
 """The web API, started for real (`python -m app` in a subprocess on 127.0.0.1) and called over HTTP."""
+import asyncio
 import io
+import json
 import math
+import re
 import subprocess
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -9,10 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
+from app.__main__ import parse_args
+from app.agreement import agreement, batches, bitmap_categories, train_bitmap_model
+from app.api import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS
 from app.launch import app_command, free_port, running_server
-from utils.data import QuickDrawSet, load_bitmaps, split, to_float
+from app.service import Batcher, ink_length
+from utils.data import QuickDrawSet, to_float
 from utils.models import build_model
-from utils.strokes import read_ndjson, render, simplify
+from utils.strokes import render, simplify
 from utils.train import TrainConfig, fit, load_checkpoint, save_checkpoint
 
 SHAPES = ("circle", "square", "triangle", "line", "zigzag", "plus")
@@ -134,8 +143,20 @@ def test_page_serves_its_assets_and_nothing_external(client):
         assert "http://" not in body and "https://" not in body and 'src="//' not in body
 
 
-def test_docs_and_openapi(client):
-    assert client.get("/docs").status_code == 200
+def test_docs_page_uses_only_the_apps_own_files(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "http://" not in page.text and "https://" not in page.text  # works offline: no CDN, no favicon host
+    assets = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert len(assets) == 3 and all(a.startswith("/") and not a.startswith("//") for a in assets)
+    kinds = {".js": "javascript", ".css": "text/css", ".png": "image/png"}
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and kinds[asset[asset.rindex("."):]] in answer.headers["content-type"]
+
+
+def test_openapi(client):
+    assert client.get("/redoc").status_code == 404  # ReDoc would fetch its logo from another host
     spec = client.get("/openapi.json").json()
     assert {"/predict", "/predict/image", "/health", "/classes"} <= set(spec["paths"])
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -275,6 +296,8 @@ BAD_BODIES = [
     ("bitmap over 255", {"bitmap": [0] * 783 + [256]}, 422, "bitmap[783]: input should be less than or equal to 255"),
     ("bitmap negative", {"bitmap": [-1] + [0] * 783}, 422, "bitmap[0]: input should be greater than or equal to 0"),
     ("blank bitmap", {"bitmap": BLANK}, 422, "empty drawing: the bitmap has no ink"),
+    ("faint bitmap, blank once rounded", {"bitmap": [0.3] * 784}, 422, "empty drawing: the bitmap has no ink"),
+    ("bitmap of rows and numbers", {"bitmap": [[0] * 28] * 27 + [5]}, 422, "bitmap: mixes rows and numbers"),
     ("top_k zero", {"strokes": GOOD, "top_k": 0}, 422, "top_k must be between 1 and 6"),
     ("top_k over classes", {"strokes": GOOD, "top_k": 7}, 422, "top_k must be between 1 and 6"),
     ("top_k float", {"strokes": GOOD, "top_k": 2.0}, 422, "top_k: input should be a valid integer"),
@@ -285,14 +308,21 @@ BAD_BODIES = [
     ("top_k inside batch", {"drawings": [{"strokes": GOOD, "top_k": 1}]}, 422, "drawings[0].top_k: extra inputs"),
     ("too many points", strokes_of(50_001), 413, "too many points: 50001 in the request, at most 50000"),
     ("too many points in batch", {"drawings": [strokes_of(25_001), strokes_of(25_000)]}, 413, "too many points: 50001"),
+    ("too many strokes", {"strokes": [[[i], [i % 7]] for i in range(1_001)]}, 413,
+     "too many strokes: the drawing has 1,001, at most 1,000 per drawing"),
+    ("too many strokes in batch", {"drawings": [{"strokes": GOOD}, {"strokes": [[[i], [0]] for i in range(1_200)]}]},
+     413, "too many strokes: drawings[1] has 1,200"),
     ("scribble too long to simplify", {"strokes": [[[0, 100] * 2500, [0] * 5000]]}, 413,
      "strokes too long: they run 1,274,745 units"),
 ]
 
 
 def assert_problem(answer: httpx.Response, status: int, words: str):
+    """The status, and one problem named in words a client can read."""
     assert answer.status_code == status, answer.text
-    assert words.lower() in answer.json()["detail"].lower()
+    detail = answer.json()["detail"]
+    assert words.lower() in detail.lower()
+    assert "\n" not in detail and " object at 0x" not in detail and len(answer.json().get("errors", [])) <= 1
 
 
 @pytest.mark.parametrize("body, status, words", [c[1:] for c in BAD_JSON], ids=[c[0] for c in BAD_JSON])
@@ -355,6 +385,30 @@ def test_bad_image_request_is_refused(client):
                    422, "top_k: input should be a valid integer")
 
 
+def test_service_answers_while_drawing_a_large_request(server):
+    """49 drawings of 1,000 one-point strokes: within every limit, and a second or more to draw."""
+    heavy = {"drawings": [{"strokes": [[[i], [(i * d) % 97]] for i in range(1_000)]} for d in range(49)]}
+    done = {}
+
+    def send():
+        with httpx.Client(base_url=server, timeout=60) as c:
+            done["status"] = c.post("/predict", json=heavy).status_code
+    sender = threading.Thread(target=send)
+    with httpx.Client(base_url=server, timeout=60) as c:
+        t0 = time.perf_counter()
+        sender.start()
+        waits = []
+        while sender.is_alive():
+            t = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            waits.append(time.perf_counter() - t)
+        heavy_seconds = time.perf_counter() - t0
+    sender.join()
+    assert done["status"] == 200
+    assert heavy_seconds > 0.3 and len(waits) >= 3, (heavy_seconds, len(waits))
+    assert max(waits) < heavy_seconds / 3, f"/health waited {max(waits):.2f} s of {heavy_seconds:.2f} s"
+
+
 def test_service_still_answers_after_bad_input(client, reference):
     for body in (b"{", b'{"strokes": [[[NaN], [1]]]}', b'{"bitmap": [' + b"9" * 2_000_000 + b"]}"):
         assert client.post("/predict", content=body, headers={"content-type": "application/json"}).status_code < 500
@@ -366,15 +420,51 @@ def test_service_still_answers_after_bad_input(client, reference):
 
 # --- start-up --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04 truncated zip"])
-def test_unusable_checkpoint_stops_the_start(tmp_path, content):
+CHECKPOINTS = {  # a --model that is not a checkpoint -> words its one-line error must hold
+    "missing": (None, "checkpoint"),
+    "text": (lambda path: path.write_bytes(b"not a checkpoint"), "checkpoint"),
+    "truncated zip": (lambda path: path.write_bytes(b"PK\x03\x04 truncated zip"), "checkpoint"),
+    "a pickled module": (lambda path: torch.save(torch.nn.Linear(2, 2), path), "checkpoint"),
+    "directory": (lambda path: path.mkdir(), "directory"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS)
+def test_unusable_checkpoint_stops_the_start(tmp_path, case):
+    make, words = CHECKPOINTS[case]
     path = tmp_path / "model.pt"
-    if content is not None:
-        path.write_bytes(content)
+    if make:
+        make(path)
     done = subprocess.run(app_command(path, port=free_port()), capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "checkpoint" in done.stderr and str(path) in done.stderr
-    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 3
+    assert words in done.stderr and str(path) in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no traceback, no advice from torch
+    assert "weights_only" not in done.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_bad_port_is_an_error_line(port, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--model", "m.pt", "--port", port])
+    assert stop.value.code == 2
+    assert "argument --port:" in capsys.readouterr().err.splitlines()[-1]
+    assert parse_args(["--model", "m.pt", "--port", "65535"]).port == 65535
+
+
+def test_model_failure_reaches_every_request_still_waiting():
+    class Failing:
+        def probabilities(self, bitmaps):
+            raise RuntimeError("model failed")
+
+    async def scenario():
+        batcher = Batcher(Failing())
+        left = asyncio.ensure_future(batcher.predict(np.zeros((1, 28, 28), np.uint8), 1))
+        stays = asyncio.ensure_future(batcher.predict(np.zeros((2, 28, 28), np.uint8), 1))
+        await asyncio.sleep(0)  # both wait for the same forward pass
+        left.cancel()  # its client went away
+        with pytest.raises(RuntimeError, match="model failed"):
+            await asyncio.wait_for(stays, 5)
+    asyncio.run(scenario())
 
 
 # --- raw strokes agree with the official bitmaps --------------------------------------------------------
@@ -382,26 +472,28 @@ def test_unusable_checkpoint_stops_the_start(tmp_path, content):
 @pytest.fixture(scope="module")
 def mirror_checkpoint(shared_dir, tmp_path_factory):
     """V2 trained for 2 short epochs on the mirror's 17 bitmap categories."""
-    names = sorted(p.stem for p in (shared_dir / "full" / "numpy_bitmap").glob("*.npy"))
-    train, val, _ = split(load_bitmaps(names, root=shared_dir / "full", max_per_class=1000))
-    config = TrainConfig(model="v2", epochs=2, seed=0, device="cpu", num_threads=1, progress=False)
-    model = build_model("v2", len(names))
-    history = fit(model, train, val, config)
     path = tmp_path_factory.mktemp("mirror") / "mirror17.pt"
-    save_checkpoint(path, model, "v2", names, config, history)
-    return path, names
+    train_bitmap_model(shared_dir / "full", path, epochs=2, max_per_class=1000)
+    return path, bitmap_categories(shared_dir / "full")
+
+
+def test_batches_keep_order_and_fill_up_to_every_limit():
+    def fits(group):
+        strokes = [d["strokes"] for d in group if "strokes" in d]
+        return (len(group) <= MAX_DRAWINGS and sum(len(s[0][0]) for s in strokes) <= MAX_POINTS
+                and sum(ink_length(s) for s in strokes) <= MAX_INK_LENGTH
+                and len(json.dumps({"drawings": group, "top_k": 1}, separators=(",", ":"))) <= MAX_BODY_BYTES)
+    zigzag = {"strokes": [[list(range(0, 300, 3)), [(i * 7) % 50 for i in range(100)]]]}  # ~2,500 ink units
+    drawings = [zigzag] * 300 + [{"strokes": [[list(range(200)), [0] * 200]]}] * 600 + [{"bitmap": [255] * 784}] * 600
+    groups = list(batches(drawings))
+    assert [d for g in groups for d in g] == drawings
+    assert all(fits(g) for g in groups)
+    assert not any(fits(g + after[:1]) for g, after in zip(groups, groups[1:]))  # each as full as it can be
 
 
 def test_raw_strokes_and_official_bitmaps_agree(shared_dir, mirror_checkpoint):
     path, names = mirror_checkpoint
-    agree = total = 0
-    with running_server(path) as url, httpx.Client(base_url=url, timeout=30) as c:
-        for name in names:
-            bitmaps = np.load(shared_dir / "full" / "numpy_bitmap" / f"{name}.npy", mmap_mode="r")
-            for row, record in zip(bitmaps, read_ndjson(shared_dir / "full" / "raw" / f"{name}.ndjson")):
-                from_strokes = c.post("/predict", json={"strokes": record["drawing"], "top_k": 1}).json()
-                from_bitmap = c.post("/predict", json={"bitmap": row.tolist(), "top_k": 1}).json()
-                agree += from_strokes["predictions"][0]["label"] == from_bitmap["predictions"][0]["label"]
-                total += 1
+    with running_server(path) as url, httpx.Client(base_url=url, timeout=120) as c:
+        agree, total = agreement(c, shared_dir / "full", names)
     assert total == 519
     assert agree / total >= 0.98, f"top-1 agrees on {agree}/{total}"

@@ -1,3 +1,6 @@
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,9 @@ def test_load_bitmaps_stacks_first_rows_with_labels_and_names(tmp_path):
     cat, dog = random_bitmaps(5, 0), random_bitmaps(2, 1)
     write_bitmaps(tmp_path, "cat", cat)
     write_bitmaps(tmp_path, "hot dog", dog)
-    ds = load_bitmaps(["hot dog", "cat"], root=tmp_path, max_per_class=3)
+    with pytest.warns(UserWarning, match=r"max_per_class=3 but 'hot dog' has 2 drawings") as caught:
+        ds = load_bitmaps(["hot dog", "cat"], root=tmp_path, max_per_class=3)
+    assert len(caught) == 1 and "cat" not in str(caught[0].message)  # once, naming only the short one
     assert ds.classes == ["hot dog", "cat"]
     assert ds.images.dtype == torch.uint8 and ds.images.shape == (5, 28, 28)  # dog has only 2 rows
     assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == [0, 0, 1, 1, 1]
@@ -32,13 +37,40 @@ def test_load_bitmaps_stacks_first_rows_with_labels_and_names(tmp_path):
     assert ds.counts().tolist() == [2, 3] and len(ds) == 5
 
 
-def test_load_bitmaps_without_limit_reads_every_row(tmp_path):
+def test_load_bitmaps_warns_once_for_every_short_category(tmp_path):
+    for name, rows in [("cat", 2), ("dog", 9), ("owl", 4)]:
+        write_bitmaps(tmp_path, name, random_bitmaps(rows, rows))
+    with pytest.warns(UserWarning) as caught:
+        load_bitmaps(["cat", "dog", "owl"], root=tmp_path, max_per_class=5)
+    assert len(caught) == 1
+    assert str(caught[0].message) == "max_per_class=5 but 'cat' has 2, 'owl' has 4 drawings; loading those"
+
+
+def test_load_bitmaps_is_quiet_when_asked_for_all_or_for_no_more_than_held(tmp_path):
     write_bitmaps(tmp_path, "cat", random_bitmaps(7, 2))
-    assert len(load_bitmaps(["cat"], root=tmp_path)) == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_bitmaps(["cat"], root=tmp_path)) == 7
+        assert len(load_bitmaps(["cat"], root=tmp_path, max_per_class=7)) == 7
 
 
-def test_load_bitmaps_memory_maps_the_files(tmp_path, monkeypatch):
-    write_bitmaps(tmp_path, "cat", random_bitmaps(4, 3))
+def test_load_bitmaps_reads_rows_into_the_tensor_without_a_memory_map(tmp_path, monkeypatch):
+    cat = random_bitmaps(6, 3)
+    write_bitmaps(tmp_path, "cat", cat)
+
+    def no_map(*args, **kwargs):
+        raise AssertionError("C-order rows are contiguous on disk: read them, do not map the file")
+
+    monkeypatch.setattr(data.np, "load", no_map)
+    ds = load_bitmaps(["cat"], root=tmp_path, max_per_class=4)
+    assert np.array_equal(ds.images.numpy(), cat[:4].reshape(4, 28, 28))
+
+
+def test_load_bitmaps_reads_fortran_order_and_version_2_files(tmp_path, monkeypatch):
+    cat, dog = random_bitmaps(5, 4), random_bitmaps(4, 5)
+    write_bitmaps(tmp_path, "cat", np.asfortranarray(cat))
+    with open(tmp_path / "numpy_bitmap" / "dog.npy", "wb") as f:
+        np.lib.format.write_array(f, dog, version=(2, 0))
     modes = []
     real_load = np.load
 
@@ -47,8 +79,36 @@ def test_load_bitmaps_memory_maps_the_files(tmp_path, monkeypatch):
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(data.np, "load", spy)
-    load_bitmaps(["cat"], root=tmp_path, max_per_class=2)
-    assert modes and set(modes) == {"r"}
+    ds = load_bitmaps(["cat", "dog"], root=tmp_path, max_per_class=4)
+    assert np.array_equal(ds.images.numpy(), np.concatenate([cat[:4], dog]).reshape(8, 28, 28))
+    assert modes == ["r"]  # only the Fortran-order file goes through a (read-only) map
+
+
+def test_read_rows_fails_if_the_file_ends_early(tmp_path):
+    path = write_bitmaps(tmp_path, "cat", random_bitmaps(2, 0))
+    with pytest.raises(ValueError, match=r"cat\.npy ended 784 bytes early"):
+        data._read_rows(path, 128, False, np.empty((3, 784), np.uint8))
+
+
+def test_load_bitmaps_refuses_a_set_larger_than_available_memory(tmp_path, monkeypatch):
+    for name in ("cat", "dog"):
+        write_bitmaps(tmp_path, name, random_bitmaps(10, 0))
+    need = 20 * (784 + 8)  # pixels and an int64 label per drawing
+    monkeypatch.setattr(data, "available_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=r"20 drawings of 2 categories need .* GiB but .* GiB of memory is "
+                                          r"available; load fewer with max_per_class \(at most 9 per category fits\)"
+                                          r" or fewer categories"):
+        load_bitmaps(["cat", "dog"], root=tmp_path)
+    assert len(load_bitmaps(["cat", "dog"], root=tmp_path, max_per_class=9)) == 18  # the advice fits
+    monkeypatch.setattr(data, "available_memory", lambda: need)
+    assert len(load_bitmaps(["cat", "dog"], root=tmp_path)) == 20
+    monkeypatch.setattr(data, "available_memory", lambda: None)  # unknown: no check
+    assert len(load_bitmaps(["cat", "dog"], root=tmp_path)) == 20
+
+
+def test_available_memory_is_between_zero_and_the_physical_memory():
+    available = data.available_memory()
+    assert 0 < available <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_load_bitmaps_missing_category_names_file_and_download_command(tmp_path):
@@ -119,6 +179,30 @@ def test_stratified_split_is_disjoint_complete_and_proportional_per_class():
     for c, size in enumerate(class_sizes):
         assert [int((labels[p] == c).sum()) for p in parts] == expected_sizes(size, (0.8, 0.1, 0.1))
     assert [len(p) for p in parts] == [151, 18, 19]
+
+
+def permutation_then_stable_sort(labels, fractions, seed):
+    """Reference: one seeded permutation of all drawings, stably sorted by class, each class cut in turn."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[torch.argsort(labels[order], stable=True)]
+    parts, start = [[] for _ in fractions], 0
+    for size in torch.bincount(labels).tolist():
+        for p, n in enumerate(expected_sizes(size, fractions)):
+            parts[p] += order[start:start + n].tolist()
+            start += n
+    return [sorted(p) for p in parts]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "shuffled"])
+@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.5, 0.5), (0.0, 0.3, 0.7), (1.0,)])
+def test_stratified_split_matches_reference_membership(grouped, fractions):
+    # The same drawings land in each part for a seed as with the reference, so splits stay reproducible.
+    labels = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 1, 0, 17, 9]))
+    if not grouped:
+        labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(2))]
+    for seed in (0, 5):
+        got = [p.tolist() for p in stratified_split(labels, fractions, seed)]
+        assert got == permutation_then_stable_sort(labels, fractions, seed)
 
 
 def test_stratified_split_is_reproducible_by_seed_and_shuffled():

@@ -1,14 +1,16 @@
 """utils/download.py against a local mirror: synthetic files made here (always run) and ../shared/quickdraw."""
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.mirror import Faults, serve
+from tests.mirror import Faults, header_size, serve
 from utils.download import (BASE_URL_ENV, DEFAULT_BASE_URL, GUESSED_HEADER, DownloadError, FetchSettings,
                             UnknownCategoryError, download_bitmaps, download_strokes, main, resolve_base_url,
                             resolve_categories)
@@ -110,11 +112,12 @@ def test_interrupted_run_leaves_no_final_file_and_the_next_run_resumes(remote, t
     with serve(base, Faults(script=["drop"] + [500] * 9, drop_after=cut)) as mirror:
         with pytest.raises(DownloadError, match="cat.npy.*giving up"):
             fetch(mirror.url, root, 200, settings=FetchSettings(retries=2, backoff=0.01))
-    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy.part"]  # no final, sidecar or temp file
-    assert out.with_name("cat.npy.part").stat().st_size == cut
-    with serve(base) as mirror:
+        # no final file, sidecar, temporary file or lock: the bytes and the tag naming their remote file
+        assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy.part", "cat.npy.part.json"]
+        assert out.with_name("cat.npy.part").stat().st_size == cut
+        mirror.faults, start = Faults(), len(mirror.requests)  # the same URL, now healthy
         got = fetch(mirror.url, root, 200)["cat"]
-    assert mirror.requests[0].range.startswith(f"bytes={cut}-")
+    assert mirror.requests[start].range.startswith(f"bytes={cut}-")
     assert got.bytes_moved == 128 + 200 * ROW - cut
     np.testing.assert_array_equal(local(root), arr[:200])
     assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy", "cat.npy.json"]
@@ -123,16 +126,16 @@ def test_interrupted_run_leaves_no_final_file_and_the_next_run_resumes(remote, t
 def test_failed_growth_keeps_the_cached_file_intact(remote, tmp_path):
     base, arr = remote
     root = tmp_path / "data"
+    cut = FAST.chunk_size
     with serve(base) as mirror:
         fetch(mirror.url, root, 10)
-    cut = FAST.chunk_size
-    with serve(base, Faults(script=["drop"] + [503] * 9, drop_after=cut)) as mirror:
+        mirror.faults = Faults(script=["drop"] + [503] * 9, drop_after=cut)
         with pytest.raises(DownloadError, match="503"):
             fetch(mirror.url, root, 250, settings=FetchSettings(retries=1, backoff=0.01))
-    np.testing.assert_array_equal(local(root), arr[:10])
-    with serve(base) as mirror:
+        np.testing.assert_array_equal(local(root), arr[:10])
+        mirror.faults, start = Faults(), len(mirror.requests)
         fetch(mirror.url, root, 250)
-    assert mirror.requests[0].range.startswith(f"bytes={128 + 10 * ROW + cut}-")
+    assert mirror.requests[start].range.startswith(f"bytes={128 + 10 * ROW + cut}-")
     np.testing.assert_array_equal(local(root), arr[:250])
 
 
@@ -297,16 +300,106 @@ def test_cli_prints_rows_and_bytes(remote, tmp_path, capsys):
     assert "did you mean 'alarm clock'" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------- which remote file
+
+@pytest.fixture
+def sources(tmp_path) -> tuple[Path, np.ndarray, Path, np.ndarray]:
+    """Two mirror folders holding different cat.npy files: 300 rows after a 128-byte header, 600 after 80."""
+    small, big = tmp_path / "small", tmp_path / "big"
+    return (small, write_npy(small / "full/numpy_bitmap/cat.npy", 300, 128, seed=1),
+            big, write_npy(big / "full/numpy_bitmap/cat.npy", 600, 80, seed=2))
+
+
+def discarded(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
+
+
+@pytest.mark.parametrize("cached", ["10 rows", "complete", "interrupted .part"])
+def test_bytes_from_another_source_are_never_reused(sources, tmp_path, caplog, cached):
+    small_dir, small, big_dir, big = sources
+    root = tmp_path / "data"
+    with serve(small_dir) as one, serve(big_dir) as other, caplog.at_level(logging.WARNING):
+        if cached == "interrupted .part":
+            one.faults = Faults(script=["drop"] + [500] * 9, drop_after=FAST.chunk_size)
+            with pytest.raises(DownloadError, match="giving up"):
+                fetch(one.url, root, 200, settings=FetchSettings(retries=1, backoff=0.01))
+            one.faults = Faults()
+        else:
+            fetch(one.url, root, 10 if cached == "10 rows" else None)
+        caplog.clear()
+        got = fetch(other.url, root, 60 if cached != "complete" else 600)["cat"]
+        np.testing.assert_array_equal(local(root), big[:got.rows])
+        assert got.rows == (600 if cached == "complete" else 60)
+        assert other.requests[0].range.startswith("bytes=0-")  # nothing resumed from the other file's bytes
+        assert len(discarded(caplog)) == 1 and one.url in discarded(caplog)[0]
+        # and back: the bigger source's cache does not serve the smaller one
+        fetch(one.url, root, 5)
+        np.testing.assert_array_equal(local(root), small[:5])
+
+
+@pytest.mark.parametrize("validators", [True, False])
+def test_remote_file_replaced_at_the_same_url_is_fetched_anew(tmp_path, caplog, validators):
+    remote = tmp_path / "remote/full/numpy_bitmap/cat.npy"
+    write_npy(remote, 300, seed=1)
+    root = tmp_path / "data"
+    with serve(tmp_path / "remote", Faults(validators=validators)) as mirror, caplog.at_level(logging.WARNING):
+        fetch(mirror.url, root, 10)
+        before = json.loads((root / "numpy_bitmap/cat.npy.json").read_text())
+        mtime = remote.stat().st_mtime_ns
+        # With validators the new file is as long as the old one: only its ETag tells them apart.
+        new = write_npy(remote, 300 if validators else 400, seed=2)
+        os.utime(remote, ns=(mtime + 10**9, mtime + 10**9))
+        start = len(mirror.requests)
+        got = fetch(mirror.url, root, 60)["cat"]
+    np.testing.assert_array_equal(local(root), new[:60])
+    assert got.bytes_moved == 128 + 60 * ROW  # the refused answer's body is not read
+    resumed = mirror.requests[start]
+    assert resumed.range.startswith(f"bytes={128 + 10 * ROW}-")
+    if validators:  # the resume was conditional on the cached file's ETag, so the changed file came whole
+        assert before["etag"] and resumed.if_range == before["etag"] and resumed.status == 200
+    else:
+        assert before["etag"] is None and resumed.status == 206
+    assert mirror.requests[start + 1].range.startswith("bytes=0-")
+    assert len(discarded(caplog)) == 1
+
+
+def test_two_downloads_of_one_file_at_once_fetch_it_once(remote, tmp_path):
+    base, arr = remote
+    root, together = tmp_path / "data", threading.Barrier(2)
+    results, errors = [], []
+
+    def run() -> None:
+        together.wait()
+        try:
+            results.append(fetch(mirror.url, root, 100)["cat"])
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    with serve(base, Faults(delay=0.005, chunk=4096)) as mirror:  # ~0.1 s a fetch: the two overlap
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert errors == []
+    np.testing.assert_array_equal(local(root), arr[:100])
+    assert sorted(g.bytes_moved for g in results) == [0, 128 + 100 * ROW] == [0, mirror.sent()]
+    assert sorted(p.name for p in (root / "numpy_bitmap").iterdir()) == ["cat.npy", "cat.npy.json"]
+
+
+def test_fewer_rows_than_asked_is_a_warning(remote, tmp_path, caplog):
+    base, arr = remote
+    with serve(base) as mirror, caplog.at_level(logging.WARNING):
+        got = fetch(mirror.url, tmp_path / "data", 500)["cat"]
+        again = fetch(mirror.url, tmp_path / "data", 500)["cat"]  # from the cache: said again
+    assert (got.rows, got.complete, again.rows, again.bytes_moved) == (300, True, 300, 0)
+    assert [r.getMessage() for r in caplog.records] == ["cat: 300 rows available, 500 asked "
+                                                        "(the source file holds no more)"] * 2
+
+
 # ------------------------------------------------------------------------------------- ../shared/quickdraw
 
 SHARED_CATEGORIES = ("cat", "alarm clock", "smiley face")
-
-
-def header_size(path: Path) -> int:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-        return f.tell()
 
 
 def test_shared_three_categories_first_700_rows(shared_dir, tmp_path):

@@ -4,12 +4,15 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+import torch
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from utils import study
+from utils.download import Fetched
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["airplane", "alarm clock", "cloud", "smiley face"]  # 4 of the mirror's 17 bitmap categories
@@ -39,6 +42,10 @@ def outputs_of(nb, snippet: str) -> str:
     return "\n".join(parts)
 
 
+def test_figure_list_matches_the_committed_figures():
+    assert set(FIGURES) == {p.stem for p in (ROOT / "reports" / "figures").glob("*.png")}
+
+
 def test_notebook_runs_on_mirror_and_writes_every_figure(mirror_url, tmp_path, monkeypatch):
     env = {"QD_CATEGORIES": ",".join(SMALL), "QD_MAX_PER_CLASS": "1000", "QD_EPOCHS": "1", "QD_SEED": "0",
            "QD_DEVICE": "cpu", "QUICKDRAW_BASE_URL": mirror_url,
@@ -58,9 +65,12 @@ def test_notebook_runs_on_mirror_and_writes_every_figure(mirror_url, tmp_path, m
     assert not [o for o in outputs if o.output_type == "error"]
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]  # QD_PROGRESS=0
     assert "QD_EPOCHS" in outputs_of(nb, "config.describe()")
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == set(FIGURES)
     for name in FIGURES:
         data = (tmp_path / "figures" / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
+    fetched = outputs_of(nb, "study.summary_on_disk(")
+    assert all(f"{c}  " in fetched for c in SMALL) and fetched.count("MB fetched") == len(SMALL) + 1
 
     table = outputs_of(nb, "study.comparison_table(results)")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "%" in line]
@@ -70,7 +80,9 @@ def test_notebook_runs_on_mirror_and_writes_every_figure(mirror_url, tmp_path, m
     for run in study.RUNS:
         assert (tmp_path / "models" / f"{study.slug(run)}.pt").stat().st_size > 0
     assert (tmp_path / "models" / "best.pt").stat().st_size > 0
-    assert "Best by validation top-1" in outputs_of(nb, "study.findings(results)")
+    found = next(c for c in nb.cells if c.cell_type == "code" and "study.findings(results)" in c.source).outputs
+    markdown = found[0]["data"]["text/markdown"]
+    assert markdown.startswith("- Best by validation top-1") and "\n\n**In short:** " in markdown
     assert sorted(p.name for p in (tmp_path / "data" / "numpy_bitmap").glob("*.npy")) == sorted(f"{c}.npy" for c in SMALL)
 
 
@@ -98,6 +110,42 @@ def test_config_from_env_overrides_and_names_bad_values():
         study.StudyConfig.from_env({"QD_CATEGORIES": "dog,alarm_clock"})
 
 
+def test_from_env_takes_the_notebook_values_as_defaults():
+    config = study.StudyConfig.from_env({"QD_SEED": "3"}, categories=["dog"], seed=1, epochs=2)
+    assert (config.categories, config.seed, config.epochs) == (["dog"], 3, 2)
+    assert config.overrides == {"seed": "QD_SEED"}
+    assert "seed: 3   <- QD_SEED" in config.describe() and "epochs: 2\n" in config.describe()
+
+
+def test_device_is_checked_when_configured():
+    with pytest.raises(ValueError, match="QD_DEVICE='gpu': unknown device 'gpu'"):
+        study.StudyConfig.from_env({"QD_DEVICE": "gpu"})
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        study.StudyConfig(device="gpu")
+    assert study.StudyConfig.from_env({"QD_DEVICE": "cpu"}).device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: cuda is available")
+def test_unavailable_device_is_an_early_error():
+    with pytest.raises(ValueError, match="QD_DEVICE='cuda': device 'cuda' cannot be used on this machine"):
+        study.StudyConfig.from_env({"QD_DEVICE": "cuda"})
+
+
+def test_paths_are_shown_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "numpy_bitmap").mkdir(parents=True)
+    np.save(tmp_path / "data" / "numpy_bitmap" / "dog.npy", np.zeros((3, 784), np.uint8))
+    (tmp_path / "mirror").mkdir()
+    config = study.StudyConfig(categories=["dog"], data_dir="data", base_url="mirror")
+    assert "base_url: mirror\n" in config.describe()
+    summary = study.summary_on_disk(config, {"dog": Fetched(Path("data/numpy_bitmap/dog.npy"), 3, 2480, True)})
+    assert summary.splitlines()[0].endswith("(3 used)  0.0 MB fetched")
+    assert summary.splitlines()[-1].endswith("in data  0.0 MB fetched")
+    assert str(tmp_path) not in config.describe() + summary
+    cached = study.summary_on_disk(config, {"dog": Fetched(Path("data/numpy_bitmap/dog.npy"), 3, 0, True)})
+    assert cached.splitlines()[0].endswith("(3 used)  cached")
+
+
 def test_train_config_applies_study_overrides_to_recipes():
     config = study.StudyConfig(categories=["dog"], epochs=1, seed=3, device="cpu")
     tc = config.train_config("V2-XL")
@@ -110,10 +158,10 @@ def scores(top1):
     return dict(top1=top1, top3=min(1, top1 + 0.1), map3=top1 + 0.05, n=100)
 
 
-def fake_result(name, val, test, seconds=10.0):
-    return dict(name=name, params=1234, train_seconds=seconds, images_per_s=5000.0 / seconds, epochs=3,
-                val=scores(val), test=scores(test), classes=["a", "b"], per_class=[0.9, 0.6],
-                confusion=[[9, 1], [4, 6]])
+def fake_result(name, val, test, seconds=10.0, epochs=3, stopped="completed"):
+    return dict(name=name, params=1234, train_seconds=seconds, images_per_s=5000.0 / seconds, epochs=epochs,
+                planned_epochs=3, stopped=stopped, best_epoch=epochs, val=scores(val), test=scores(test),
+                classes=["a", "b"], per_class=[0.9, 0.6], confusion=[[9, 1], [4, 6]])
 
 
 def test_best_is_chosen_by_validation_and_reported():
@@ -125,9 +173,28 @@ def test_best_is_chosen_by_validation_and_reported():
     assert lines[2].startswith("| V1 ") and "90.00%" in lines[2] and "1,234" in lines[2]
     assert lines[3].startswith("| V2 *")
     found = study.findings(results)
-    assert found[0].startswith("Best by validation top-1: V2") and "70.00%" in found[0]
-    assert any("V2 vs V1" in f and "90.00% -> 70.00% (-20.00 points)" in f and "2.0x" in f for f in found)
-    assert any("b taken for a (40.00%" in f for f in found)
+    assert found.items[0].startswith("Best by validation top-1: V2") and "70.00%" in found.items[0]
+    assert any("V2 vs V1" in f and "90.00% -> 70.00% (-20.00 points)" in f and "2.0x" in f for f in found.items)
+    assert any("b taken for a (40.00%" in f for f in found.items)
+    assert found.conclusion == "**In short:** V2 is the best run by validation, at 70.00% test top-1."
+    assert found._repr_markdown_().startswith("- Best by validation top-1: V2")
+
+
+def test_conclusion_weighs_gains_against_training_time():
+    results = [fake_result("V2", val=0.80, test=0.80), fake_result("V2-XL", val=0.81, test=0.805, seconds=50),
+               fake_result("ResNet", val=0.90, test=0.85, seconds=30)]
+    assert study.findings(results).conclusion == (
+        "**In short:** The original study's rotated and flipped copies (V2-XL) moved V2's test top-1 by "
+        "+0.50 points for 5.0x its training time; ResNet, the best run by validation, moved it by +5.00 points "
+        "for 3.0x.")
+
+
+def test_time_capped_run_is_shown_as_such():
+    results = [fake_result("V2", val=0.8, test=0.8), fake_result("ResNet", 0.9, 0.9, epochs=2, stopped="time_budget")]
+    rows = [[c.strip() for c in line.split("|")] for line in str(study.comparison_table(results)).splitlines()]
+    assert rows[0][5] == "epochs" and rows[2][5] == "3" and rows[3][5] == "2 of 3 (time cap)"
+    assert "ResNet stopped after 2 of 3 epochs (time cap); it is scored at its best epoch, 2." in \
+        study.findings(results).items
 
 
 def test_history_table_marks_the_kept_epoch():

@@ -59,12 +59,16 @@ def test_sample_grid_shows_each_class_on_given_axes(ds):
     assert texts(ax) == ["cat", "cat", "dog", "dog", "alarm clock", "alarm clock"]
 
 
-def test_category_heatmaps_are_class_means(ds):
+def test_category_heatmaps_are_class_means_each_scaled_to_its_max(ds):
+    ds.images[5:8] //= 4  # a faint class: its tile must still reach the top of the colour scale
     ax = plots.category_heatmaps(ds, ncols=3)
     assert texts(ax) == CLASSES
     mosaic = ax.images[0].get_array()
-    first = mosaic[3 + 11:3 + 11 + 28, 3:3 + 28]
-    np.testing.assert_allclose(first, ds.images[:5].float().mean(0).numpy(), rtol=1e-6)
+    tiles = [mosaic[3 + 11:3 + 11 + 28, x0:x0 + 28] for x0 in (3, 3 + 31, 3 + 62)]
+    mean = ds.images[:5].float().mean(0).numpy()
+    np.testing.assert_allclose(tiles[0], mean / mean.max(), rtol=1e-6)
+    assert [float(t.max()) for t in tiles] == pytest.approx([1, 1, 1])
+    assert ax.images[0].get_clim() == (0, 1)
 
 
 def test_counts_bar_has_one_bar_per_class(ds):
@@ -73,18 +77,22 @@ def test_counts_bar_has_one_bar_per_class(ds):
     assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
 
 
-def test_per_class_bars_sorted_worst_first():
+def test_per_class_bars_sorted_worst_first_with_counts():
     ax = plots.per_class_bars([0.9, 0.5, 0.75], CLASSES)
     assert [round(p.get_width(), 6) for p in ax.patches] == [50.0, 75.0, 90.0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["dog", "alarm clock", "cat"]
+    ax = plots.per_class_bars([0.9, 0.5, 0.75], CLASSES, counts=torch.tensor([10, 4, 1200]))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["dog (n=4)", "alarm clock (n=1,200)", "cat (n=10)"]
+    with pytest.raises(ValueError):
+        plots.per_class_bars([0.9, 0.5, 0.75], CLASSES, counts=[1, 2])
 
 
-def test_augmentation_examples_show_the_transforms(ds):
-    ax = plots.augmentation_examples(ds.images[:2])
-    assert texts(ax)[:5] == ["original", "rotated -15°", "rotated +15°", "horizontal flip", "vertical flip"]
-    assert len(ax.texts) == 10
+def test_augmentation_examples_show_the_transforms_and_each_category(ds):
+    ax = plots.augmentation_examples(ds.images[[0, 5]], ["cat", "dog"])
+    assert texts(ax)[:5] == ["cat\n(original)", "rotated -15°", "rotated +15°", "horizontal flip", "vertical flip"]
+    assert len(ax.texts) == 10 and texts(ax)[5] == "dog\n(original)"
     mosaic = ax.images[0].get_array()
-    cell_w, top = 28 + 3, 3 + 11
+    cell_w, top = 28 + 3, 3 + 20  # two-line labels: 9 pixels a line + 2
     expected = [ds.images[0], rotate(ds.images[:1], -15)[0], rotate(ds.images[:1], 15)[0],
                 hflip(ds.images[:1])[0], vflip(ds.images[:1])[0]]
     for k, img in enumerate(expected):
@@ -106,6 +114,15 @@ def test_training_curves_plot_train_and_val_per_epoch():
     np.testing.assert_allclose(axes[0].lines[0].get_ydata(), [1.0, 0.5, 0.4])
     with pytest.raises(ValueError, match="metric"):
         plots.training_curves(history, "f1")
+    with pytest.raises(ValueError, match="2 drawings but 1 categories"):
+        plots.augmentation_examples(torch.zeros(2, 28, 28), ["cat"])
+
+
+def test_loss_axis_names_label_smoothing():
+    history = dict(train_loss=[1.0], val_loss=[0.9], train_acc=[0.5], val_acc=[0.55])
+    assert plots.training_curves(history, "loss").get_ylabel() == "cross-entropy loss"
+    assert plots.curves(history, "V2-tuned", label_smoothing=0.1)[0].get_ylabel() == \
+        "cross-entropy loss (label smoothing 0.1)"
 
 
 def test_accuracy_bars_group_metrics_per_model():
@@ -125,7 +142,15 @@ def test_confusion_matrix_rows_normalized_and_labelled():
     assert m[0, 1] == pytest.approx(20)
     assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
     assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
-    assert "80" in texts(ax) and "75" in texts(ax)
+    assert texts(ax) == ["80", "20", "25", "75", "100"]  # row by row; empty cells unlabelled
+
+
+def test_confusion_matrix_never_labels_a_rare_confusion_as_zero():
+    cm = np.array([[996, 4, 0], [1, 3, 0], [0, 0, 5]])  # 0.4% of cats taken for dogs: would print "0"
+    ax = plots.confusion_matrix(cm, CLASSES)
+    assert texts(ax) == ["100", "25", "75", "100"]
+    assert [t.get_text() for t in plots.confusion_matrix(cm, CLASSES, normalize=False).texts] == \
+        ["996", "4", "1", "3", "5"]
     with pytest.raises(ValueError, match="3 classes"):
         plots.confusion_matrix(np.eye(2), CLASSES)
 

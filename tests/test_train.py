@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 import json
 import subprocess
@@ -110,6 +111,44 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, schedule)
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_with_other_settings_names_them_and_runtime_settings_may_change(tmp_path):
+    out = tmp_path / "v1.pt"
+    config = TrainConfig(model="v1", epochs=3, batch_size=32, schedule="onecycle", patience=None, max_minutes=1e-9,
+                         **QUIET)
+    set_seed(0)
+    stopped = fit(build_model("v1", 2), TRAIN, VAL, config, out=out)
+    assert stopped["stopped"] == "time_budget" and len(stopped["train_loss"]) == 1  # the cap passed in epoch 1
+    # More epochs would run the one-cycle schedule past its end; a new lr or augmentation is another run.
+    for change, message in ((dict(epochs=4), "epochs 3 -> 4"), (dict(lr=0.002, augment="xl"), "lr 0.001 -> 0.002, augment")):
+        with pytest.raises(ValueError, match=message):
+            fit(build_model("v1", 2), TRAIN, VAL, dataclasses.replace(config, **change), out=out, resume=True)
+    runtime = dataclasses.replace(config, max_minutes=None, eval_batch_size=50, num_threads=2, device="cpu")
+    resumed = fit(build_model("v1", 2), TRAIN, VAL, runtime, out=out, resume=True)
+    assert len(resumed["train_loss"]) == 3 and resumed["stopped"] == "completed"
+    assert resumed["train_images"] == 32 + 2 * len(TRAIN)  # one batch before the cap, then two whole epochs
+
+
+@pytest.mark.parametrize("how", ["early_stopping", "completed"])
+def test_resuming_a_finished_run_returns_it_without_training(tmp_path, monkeypatch, how):
+    out = tmp_path / "v1.pt"
+    val_losses = iter([1.0, 1.1, 1.2, 1.3] if how == "early_stopping" else [1.0, 0.9, 0.8, 0.7])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (next(val_losses), 0.5))
+    config = TrainConfig(model="v1", epochs=3 if how == "completed" else 4, batch_size=64, patience=2, **QUIET)
+    set_seed(0)
+    finished = fit(build_model("v1", 2), TRAIN, VAL, config, out=out)
+    assert finished["stopped"] == how and len(finished["train_loss"]) == 3
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_module, "train_one_epoch", no_training)
+    model = build_model("v1", 2)
+    assert fit(model, TRAIN, VAL, config, out=out, resume=True) == finished
+    best, _ = load_checkpoint(out)
+    for key, value in best.state_dict().items():  # and the model holds the best epoch
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_resume_without_a_checkpoint_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="v1.last.pt"):
         fit(build_model("v1", 2), TRAIN, VAL, TrainConfig(model="v1", **QUIET), out=tmp_path / "v1.pt", resume=True)
@@ -145,18 +184,57 @@ def test_bf16_channels_last_sgd_cosine_still_learn():
 def test_load_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_checkpoint(tmp_path / "nothing.pt")
-    garbage = tmp_path / "garbage.pt"
+    (tmp_path / "models").mkdir()
+    with pytest.raises(CheckpointError, match="models is a directory, not a checkpoint file"):
+        load_checkpoint(tmp_path / "models")
+    garbage, pickled, foreign = tmp_path / "garbage.pt", tmp_path / "pickled.pt", tmp_path / "foreign.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pt"):
-        load_checkpoint(garbage)
-    foreign = tmp_path / "foreign.pt"
+    torch.save(argparse.Namespace(weights=[1.0]), pickled)  # a pickle that weights_only=True refuses
     torch.save({"weights": torch.zeros(1)}, foreign)
-    with pytest.raises(CheckpointError, match="foreign.pt"):
-        load_checkpoint(foreign)
+    for path in (garbage, pickled, foreign):
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(path)
+        message = str(error.value)
+        assert message.startswith(f"{path} is not a checkpoint written by utils.train")
+        assert "\n" not in message and "weights_only" not in message
     mismatch = tmp_path / "mismatch.pt"  # v1 weights labelled as v2
     save_checkpoint(mismatch, build_model("v1", 2), "v2", ["a", "b"], TrainConfig(), history={})
     with pytest.raises(CheckpointError, match="mismatch.pt"):
         load_checkpoint(mismatch)
+
+
+class Bar:
+    """What train_one_epoch asks of a tqdm bar, recording the loss/accuracy shown."""
+
+    def __init__(self):
+        self.shown = []
+
+    def update(self, n):
+        pass
+
+    def set_postfix(self, refresh=True, **values):
+        self.shown.append(values)
+
+
+@pytest.mark.parametrize("every, shown", [(0.0, 6 + 1), (float("inf"), 1)])
+def test_progress_shows_loss_and_accuracy_by_time_not_batch_count(monkeypatch, every, shown):
+    monkeypatch.setattr(train_module, "POSTFIX_SECONDS", every)
+    model = build_model("v1", 2)
+    batches = [(TRAIN.images[i:i + 32].float()[:, None] / 255, TRAIN.labels[i:i + 32]) for i in range(0, 192, 32)]
+    bar = Bar()
+    loss, acc, seen = train_module.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.01),
+                                                   torch.device("cpu"), bar=bar)
+    assert seen == 192 and len(bar.shown) == shown  # every batch, or only the epoch's final figures
+    assert bar.shown[-1] == dict(loss=f"{loss:.4f}", acc=f"{acc:.2%}")
+
+
+def test_the_cli_chooses_the_device_once(tmp_path, mirror_url, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(train_module, "pick_device", lambda preference: chosen.append(preference) or torch.device("cpu"))
+    result = train_module.main(["--model", "v1", "--categories", "smiley face", "cloud", "--max-per-class", "40",
+                                "--epochs", "1", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "v1.pt"),
+                                "--base-url", mirror_url, "--dry-run", "--no-progress", "--num-threads", "1"])
+    assert chosen == ["auto"] and result["test"]["n"] == 8  # training and scoring on that one device
 
 
 def test_config_rejects_unknown_choices():

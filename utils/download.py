@@ -7,9 +7,14 @@ With max_per_class=N only the bytes the first N rows occupy are moved (HTTP Rang
 
 Local layout under root (default "data"):
     numpy_bitmap/<name>.npy        a valid .npy of the first rows
-    numpy_bitmap/<name>.npy.json   what the file holds: rows, size, remote size and header, complete or not
+    numpy_bitmap/<name>.npy.json   what the file holds: rows, size, complete or not, and which remote file
+                                   (URL, size, ETag/Last-Modified, header) the rows came from
     numpy_bitmap/<name>.npy.part   raw remote bytes of an unfinished download, resumed from its length
-    <kind>/<name>.ndjson (+ .json, .part) likewise
+    numpy_bitmap/<name>.npy.part.json  which remote file those bytes came from
+    numpy_bitmap/<name>.npy.lock   held while the file is being fetched (removed after)
+    <kind>/<name>.ndjson (+ .json, .part, ...) likewise
+Cached bytes are reused only for the same URL and the same remote file (size and validator); otherwise
+they are discarded and the file is fetched from its start.
 
     python -m utils.download cat "alarm clock" --max-per-class 5000 --root data/
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fcntl
 import io
 import json
 import logging
@@ -31,6 +37,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -46,6 +53,8 @@ KINDS = ("simplified", "raw")
 ROW_BYTES = 28 * 28
 MAX_HEADER = 1 << 16  # a .npy header longer than this is not one numpy writes for a 2-d array
 GUESSED_HEADER = 128  # numpy pads .npy headers to a multiple of 64 bytes (older versions: 16, giving 80)
+IDENTITY = ("remote_bytes", "etag", "last_modified")  # recorded with cached bytes; any change discards them
+MAX_CHANGES = 3  # a remote file replaced this often during one fetch is an error, not a thing to chase
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,10 @@ class CorruptFileError(DownloadError):
 
 class _Transient(Exception):
     """A failure worth retrying (5xx, a response with no data)."""
+
+
+class _Changed(Exception):
+    """The remote file is not the one the partial bytes came from."""
 
 
 # Retried with backoff: the link or the server, not the request, is at fault.
@@ -380,16 +393,32 @@ def _content_range(header: str | None, what) -> tuple[int, int, int | None]:
     return first, last, total
 
 
+def _identity(size: int | None, etag: str | None = None, last_modified: str | None = None) -> dict:
+    """What tells one remote file from another at the same place: its size and validators, where known."""
+    return dict(zip(IDENTITY, (size, etag, last_modified)))
+
+
+def _if_range(tag: dict) -> str | None:
+    """The validator to make a ranged request conditional on: a strong ETag, else Last-Modified."""
+    etag = tag.get("etag")
+    return etag if etag and not etag.startswith("W/") else tag.get("last_modified")
+
+
 def _read_range(source: str | Path, start: int, end: int | None, part: Path, session: requests.Session,
-                settings: FetchSettings, meter: Callable[[int], None]) -> int | None:
-    """Append bytes [start, end) of source (end None: to its end) to part; returns the source's size if known."""
+                settings: FetchSettings, meter: Callable[[int], None], check: Callable[[dict], None],
+                if_range: str | None = None) -> int | None:
+    """Append bytes [start, end) of source (end None: to its end) to part; returns the source's size if known.
+
+    check(identity) sees the remote file's size and validators before any byte is appended; it raises to refuse."""
     if isinstance(source, Path):
         try:
             f = open(source, "rb")
         except FileNotFoundError:
             raise DownloadError(f"not found: {source}") from None
         with f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            check(_identity(size, last_modified=datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat()))
             stop = size if end is None else min(end, size)
             f.seek(start)
             _append(part, iter(lambda: f.read(max(0, min(settings.chunk_size, stop - f.tell()))), b""), 0,
@@ -399,9 +428,14 @@ def _read_range(source: str | Path, start: int, end: int | None, part: Path, ses
     headers = {"Accept-Encoding": "identity"}
     if start or end is not None:
         headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if start and if_range:  # a changed file then comes whole (200) instead of as a range of the new bytes
+            headers["If-Range"] = if_range
     with session.get(source, headers=headers, stream=True, timeout=settings.timeout) as r:
+        validators = r.headers.get("ETag"), r.headers.get("Last-Modified")
         if r.status_code == 416:  # nothing at or after start: start is the size
-            return _content_range(r.headers.get("Content-Range"), source)[2]
+            total = _content_range(r.headers.get("Content-Range"), source)[2]
+            check(_identity(total, *validators))
+            return total
         if r.status_code in (408, 429) or r.status_code >= 500:
             raise _Transient(f"HTTP {r.status_code} {r.reason}")
         if r.status_code == 404:
@@ -416,6 +450,7 @@ def _read_range(source: str | Path, start: int, end: int | None, part: Path, ses
         else:  # Range ignored: the whole file comes; drop what part already holds, stop once we have enough
             length = r.headers.get("Content-Length")
             total, skip = (int(length) if length else None), start
+        check(_identity(total, *validators))
         written = _append(part, r.iter_content(settings.chunk_size), skip,
                           None if end is None else end - start, meter)
         if total is None and end is None:  # read to the end without error: now the size is known
@@ -423,11 +458,32 @@ def _read_range(source: str | Path, start: int, end: int | None, part: Path, ses
         return total
 
 
-def _fetch_prefix(fmt, source, part: Path, n: int | None, settings: FetchSettings,
-                  meter: Callable[[int], None]) -> tuple[int, int | None]:
-    """Grow part (the remote file's first bytes) until it holds n rows; returns (bytes needed, remote size)."""
-    total, failures = None, 0
+def _fetch_prefix(fmt, source, out: Path, part: Path, n: int | None, settings: FetchSettings,
+                  meter: Callable[[int], None]) -> tuple[int, dict]:
+    """Grow part (the remote file's first bytes) until it holds n rows; returns (bytes needed, part's tag).
+
+    The tag beside part names the remote file its bytes came from; a response from any other file
+    discards them (and the cached rows) and starts again from byte 0."""
+    tag = _read_json(_tag(part))
+    if part.exists() and _size(part) and _origin(tag) != str(source):
+        _start_over(out, part, f"{part} holds bytes from {_origin(tag)}, not from {source}")
     part.touch()
+
+    def check(identity: dict) -> None:
+        nonlocal tag
+        if _size(part):
+            changed = [k for k, v in identity.items() if v is not None and tag.get(k) not in (None, v)]
+            if changed:
+                raise _Changed(", ".join(f"{k} was {tag[k]!r}, is now {identity[k]!r}" for k in changed))
+            new = {**tag, **{k: v for k, v in identity.items() if v is not None}}
+        else:
+            new = {"source": str(source), **identity}
+        if new != tag:  # on disk before the bytes it vouches for
+            tag = new
+            _write_json(_tag(part), tag)
+
+    total = tag.get("remote_bytes") if tag and _size(part) else None
+    failures, changes = 0, 0
     with requests.Session() as session:
         while True:
             have = _size(part)
@@ -437,16 +493,26 @@ def _fetch_prefix(fmt, source, part: Path, n: int | None, settings: FetchSetting
                 continue
             need, target = fmt.plan(part, n, total, source)
             if need is not None and have >= need:
-                return need, total
+                return need, tag
             if total is not None and have >= total:
                 raise CorruptFileError(f"{source} ends at {total} bytes, {need} are needed")
             if total is not None and target is not None:
                 target = min(target, total)
             try:
-                total = _read_range(source, have, target, part, session, settings, meter) or total
+                total = _read_range(source, have, target, part, session, settings, meter, check,
+                                    _if_range(tag) if have else None) or total
+                if total is not None and tag.get("remote_bytes") is None:  # learnt by reading to the end
+                    check(_identity(total))
                 if _size(part) == have and (total is None or have < total):
                     raise _Transient("the response brought no data")
                 failures = 0
+            except _Changed as e:
+                changes += 1
+                if changes > MAX_CHANGES:
+                    raise DownloadError(f"{source} changed {changes} times while being fetched ({e})") from None
+                _start_over(out, part, f"{source} is not the remote file cached from it ({e})")
+                tag, total = None, None
+                part.touch()
             except _TRANSIENT as e:
                 failures = 0 if _size(part) > have else failures + 1
                 if failures > settings.retries:
@@ -460,13 +526,66 @@ def _sidecar(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def _tag(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with _atomic(path) as f:
+        f.write(json.dumps(obj, indent=1).encode())
+
+
+def _origin(meta: dict | None) -> str:
+    return (meta or {}).get("source") or "an unrecorded source"
+
+
+def _start_over(out: Path, part: Path, reason: str) -> None:
+    """Drop a file's cached rows and partial bytes: they are not from the remote file now asked for."""
+    log.warning("%s; discarding the cached bytes and fetching from the start", reason)
+    # Each voucher goes before what it vouches for, so an interruption leaves nothing wrongly trusted.
+    for path in (_tag(part), part, out, _sidecar(out)):
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold <out>.lock exclusively: one fetch of a file at a time, across threads and processes."""
+    path = out.with_name(out.name + ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s is being fetched by another download; waiting for it", out)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us removes the file: a lock on the removed one guards nothing
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held (see above)
+        os.close(fd)
+
+
 def _cached_rows(fmt, out: Path, meta: dict | None) -> int | None:
     """Rows of a valid cached file, or None (a corrupt one is deleted so nothing loads it)."""
     if not out.exists():
         return None
     try:
         rows = fmt.rows(out)
-        if meta is not None and (meta.get("bytes"), meta.get("rows")) != (_size(out), rows):
+        if (meta.get("bytes"), meta.get("rows")) != (_size(out), rows):
             raise CorruptFileError(f"{out} has {_size(out)} bytes and {rows} rows; {_sidecar(out)} "
                                    f"records {meta.get('bytes')} bytes and {meta.get('rows')} rows")
         return rows
@@ -478,33 +597,43 @@ def _cached_rows(fmt, out: Path, meta: dict | None) -> int | None:
 
 def _seed_part(fmt, out: Path, meta: dict, part: Path) -> None:
     """Rebuild the remote prefix from the cached file, so that growing it fetches only the missing bytes."""
+    tag = {k: meta.get(k) for k in ("source", *IDENTITY)}
     head = bytes.fromhex(meta["remote_head"])
     offset = fmt.head_size(out)
-    if part.exists() and _size(part) >= len(head) + _size(out) - offset:
-        return  # an interrupted download went further: resume that
+    if part.exists() and _read_json(_tag(part)) == tag and _size(part) >= len(head) + _size(out) - offset:
+        return  # an interrupted download of the same remote file went further: resume that
+    _tag(part).unlink(missing_ok=True)
     with _atomic(part) as f, open(out, "rb") as src:
         f.write(head)
         src.seek(offset)
         shutil.copyfileobj(src, f)
+    _write_json(_tag(part), tag)
 
 
 def _fetch_one(fmt, name: str, root, n: int | None, base: str, settings: FetchSettings,
                meter: Callable[[int], None]) -> Fetched:
     out = fmt.local_path(root, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        got = _fetch_locked(fmt, out, n, _source(base, fmt.folder, name + fmt.suffix), settings, meter)
+    if n is not None and got.rows < n:
+        log.warning("%s: %d rows available, %d asked (the source file holds no more)", name, got.rows, n)
+    return got
+
+
+def _fetch_locked(fmt, out: Path, n: int | None, source, settings: FetchSettings,
+                  meter: Callable[[int], None]) -> Fetched:
     part, sidecar = out.with_name(out.name + ".part"), _sidecar(out)
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+    meta = _read_json(sidecar)
+    if out.exists() and _origin(meta) != str(source):
+        _start_over(out, part, f"{out} was fetched from {_origin(meta)}, not from {source}")
         meta = None
     rows = _cached_rows(fmt, out, meta)
     if rows is not None:
-        complete = bool(meta and meta.get("complete"))
+        complete = bool(meta.get("complete"))
         if complete or (n is not None and rows >= n):
             return Fetched(out, rows, 0, complete)
-        if meta:
-            _seed_part(fmt, out, meta, part)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    source = _source(base, fmt.folder, name + fmt.suffix)
+        _seed_part(fmt, out, meta, part)
     moved = 0
 
     def count(k: int) -> None:
@@ -513,20 +642,22 @@ def _fetch_one(fmt, name: str, root, n: int | None, base: str, settings: FetchSe
         meter(k)
 
     try:
-        need, total = _fetch_prefix(fmt, source, part, n, settings, count)
+        need, tag = _fetch_prefix(fmt, source, out, part, n, settings, count)
     except CorruptFileError:
-        part.unlink(missing_ok=True)  # whatever was wrong with these bytes, the next run starts afresh
+        for path in (_tag(part), part):  # whatever was wrong with these bytes, the next run starts afresh
+            path.unlink(missing_ok=True)
         raise
+    total = tag.get("remote_bytes")
     complete = total is not None and need >= total
     with _atomic(out) as f:  # the sidecar lands first: a file without a matching one is never trusted
         rows = fmt.write(part, need, f, source)
         meta = {"source": str(source), "rows": rows, "bytes": f.tell(), "complete": complete,
-                "remote_bytes": total, "remote_head": _read_head(part)[:fmt.head_size(part)].hex()}
+                **{k: tag.get(k) for k in IDENTITY}, "remote_head": _read_head(part)[:fmt.head_size(part)].hex()}
         f.flush()
-        with _atomic(sidecar) as s:
-            s.write(json.dumps(meta, indent=1).encode())
+        _write_json(sidecar, meta)
     if fmt.rows(out) != rows or _size(out) != meta["bytes"]:
         raise CorruptFileError(f"{out} does not read back as the {rows} rows just written")
+    _tag(part).unlink()
     part.unlink()
     return Fetched(out, rows, moved, complete)
 

@@ -85,10 +85,12 @@ def sample_grid(ds, per_class: int = 3, ncols: int = 9, seed: int = 0, ax: Axes 
 
 
 def category_heatmaps(ds, ncols: int = 6, ax: Axes | None = None) -> Axes:
-    """Mean of each category's drawings: where the ink usually falls."""
+    """Mean of each category's drawings: where the ink usually falls. Each tile is scaled to its own
+    maximum, so a category drawn with little ink still shows its shape."""
     means = torch.stack([ds.images[ds.labels == c].float().mean(0) for c in range(len(ds.classes))])  # (C,28,28)
-    return image_grid(means, list(ds.classes), ncols=ncols, ax=ax, cmap="inferno",
-                      title="Mean drawing per category")
+    means = means / means.amax((1, 2), keepdim=True).clamp(min=1e-9)
+    return image_grid(means, list(ds.classes), ncols=ncols, ax=ax, cmap="inferno", vmax=1,
+                      title="Mean drawing per category (each scaled to its own maximum)")
 
 
 def _hbars(values, labels: Sequence[str], ax: Axes | None, xlabel: str, title: str, fmt: str) -> Axes:
@@ -112,27 +114,36 @@ def counts_bar(ds, ax: Axes | None = None) -> Axes:
     return _hbars(ds.counts().numpy(), list(ds.classes), ax, "drawings", "Drawings per category", "{:,.0f}")
 
 
-def per_class_bars(per_class: Sequence[float], classes: Sequence[str], ax: Axes | None = None,
-                   title: str = "Per-class test accuracy") -> Axes:
-    """Accuracy of each class (fractions in, percent shown), worst class first."""
+def per_class_bars(per_class: Sequence[float], classes: Sequence[str], counts: Sequence[int] | None = None,
+                   ax: Axes | None = None, title: str = "Per-class test accuracy") -> Axes:
+    """Accuracy of each class (fractions in, percent shown), worst class first; `counts`, the drawings
+    each accuracy is measured on, are shown beside the class names."""
     acc = 100 * np.asarray(per_class, dtype=float)
+    names = list(classes) if counts is None else [f"{c} (n={int(n):,})" for c, n in zip(classes, counts, strict=True)]
     order = np.argsort(acc, kind="stable")
-    ax = _hbars(acc[order], [classes[i] for i in order], ax, "accuracy (%)", title, "{:.1f}")
+    ax = _hbars(acc[order], [names[i] for i in order], ax, "accuracy (%)", title, "{:.1f}")
     ax.set_xlim(0, 105)
     return ax
 
 
-def augmentation_examples(images, angles: Sequence[float] = (-15, 15), ax: Axes | None = None) -> Axes:
-    """Each drawing (a row) beside its rotated, horizontally and vertically flipped copies."""
+def augmentation_examples(images, categories: Sequence[str], angles: Sequence[float] = (-15, 15),
+                          ax: Axes | None = None) -> Axes:
+    """Each drawing (a row, its category named on the original) beside its rotated, horizontally and
+    vertically flipped copies."""
     x = torch.as_tensor(_as_images(images)).to(torch.uint8)  # (K,28,28)
+    if len(categories) != len(x):
+        raise ValueError(f"{len(x)} drawings but {len(categories)} categories")
     variants = [x] + [rotate(x, a) for a in angles] + [hflip(x), vflip(x)]
-    names = ["original"] + [f"rotated {a:+g}°" for a in angles] + ["horizontal flip", "vertical flip"]
+    copies = [f"rotated {a:+g}°" for a in angles] + ["horizontal flip", "vertical flip"]
     tiles = torch.stack(variants, 1).flatten(0, 1)  # (K*V,28,28), row-major: one drawing per row
-    return image_grid(tiles, names * len(x), ncols=len(variants), ax=ax, title="Augmentation examples")
+    labels = [label for c in categories for label in [f"{c}\n(original)"] + copies]
+    return image_grid(tiles, labels, ncols=len(variants), ax=ax, title="Augmentation examples")
 
 
-def training_curves(history: dict, metric: str = "loss", ax: Axes | None = None, title: str | None = None) -> Axes:
-    """Train and validation `metric` ("loss" or "acc") per epoch, best epoch marked."""
+def training_curves(history: dict, metric: str = "loss", ax: Axes | None = None, title: str | None = None,
+                    label_smoothing: float = 0.0) -> Axes:
+    """Train and validation `metric` ("loss" or "acc") per epoch, best epoch marked. `label_smoothing`:
+    the run's, named on the loss axis (it raises the loss a perfect model can reach above 0)."""
     if metric not in ("loss", "acc"):
         raise ValueError(f"metric must be 'loss' or 'acc', got {metric!r}")
     scale = 100 if metric == "acc" else 1
@@ -143,7 +154,8 @@ def training_curves(history: dict, metric: str = "loss", ax: Axes | None = None,
     if history.get("best_epoch"):
         ax.axvline(history["best_epoch"], color="0.6", lw=1, ls=":", label="best epoch")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)" if metric == "acc" else "cross-entropy loss")
+    smoothing = f" (label smoothing {label_smoothing:g})" if label_smoothing else ""
+    ax.set_ylabel("accuracy (%)" if metric == "acc" else f"cross-entropy loss{smoothing}")
     n = len(history[f"train_{metric}"])
     if n <= 20:
         ax.set_xticks(np.arange(1, n + 1))
@@ -156,11 +168,11 @@ def training_curves(history: dict, metric: str = "loss", ax: Axes | None = None,
     return ax
 
 
-def curves(history: dict, name: str, axes: Sequence[Axes] | None = None) -> np.ndarray:
+def curves(history: dict, name: str, axes: Sequence[Axes] | None = None, label_smoothing: float = 0.0) -> np.ndarray:
     """Loss and accuracy side by side for one training run; returns the two Axes."""
     if axes is None:
         axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")[1]
-    training_curves(history, "loss", axes[0], title=f"{name}: loss")
+    training_curves(history, "loss", axes[0], title=f"{name}: loss", label_smoothing=label_smoothing)
     training_curves(history, "acc", axes[1], title=f"{name}: accuracy")
     return np.asarray(axes)
 
@@ -197,7 +209,7 @@ def confusion_matrix(cm, classes: Sequence[str], normalize: bool = True, ax: Axe
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class" if normalize else "drawings")
     if len(classes) <= 25:  # beyond that the numbers no longer fit in the cells
         for (i, j), v in np.ndenumerate(m):
-            if v > 0:
+            if v >= 0.5:  # smaller, a rare confusion would read as a misleading "0"
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.6 * m.max() else "black")
     ax.set_xticks(np.arange(len(classes)), classes, rotation=45, ha="right", rotation_mode="anchor")

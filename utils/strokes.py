@@ -6,7 +6,8 @@ Stroke files are ndjson, one drawing a line, its strokes under "drawing":
 
 simplify() turns a raw drawing into the simplified format, render() turns a simplified drawing
 into the 28x28 uint8 bitmap of the official numpy_bitmap files, render_file() and build_bitmaps()
-do both for whole stroke files. CLI:
+do both for whole stroke files, official_pairs() sets rendered stroke files beside the bitmap files
+they should reproduce. CLI:
   python -m utils.strokes --kind raw --src data/ --out data/ [--max-per-class N] [categories...]
 """
 from __future__ import annotations
@@ -94,6 +95,19 @@ def _strokes(drawing) -> tuple[np.ndarray, list[int]]:
         bad = next(i for i, a in enumerate(parts) if not np.isfinite(a).all())
         raise ValueError(f"stroke {bad} has NaN or infinite coordinates")
     return xy, [a.shape[1] for a in parts]
+
+
+def _simplified(drawing, times: bool = True) -> tuple[np.ndarray, list[int]]:
+    """_strokes() of a drawing that must be in simplified units, as raw ones would land off the canvas;
+    times=False also refuses time rows, the mark of raw strokes in a file said to be simplified."""
+    xy, lengths = _strokes(drawing)
+    if not times and any(len(stroke) == 3 for stroke in drawing):
+        raise ValueError("its strokes carry a time row, so they are raw: use --kind raw")
+    low, high = xy.min(axis=1), xy.max(axis=1)
+    if low.min() < 0 or high.max() > EXTENT:
+        raise ValueError(f"coordinates run x {low[0]:g}..{high[0]:g}, y {low[1]:g}..{high[1]:g}, outside "
+                         f"0..{EXTENT:g}: not simplified: call simplify() first, or use --kind raw")
+    return xy, lengths
 
 
 def _explain(i: int, stroke) -> None:
@@ -239,8 +253,8 @@ class _Canvas:
 
 
 def render(drawing, side: int = 28) -> np.ndarray:
-    """A simplified drawing (0..255 units) -> uint8 (side, side) bitmap, white ink on black."""
-    xy, lengths = _strokes(drawing)
+    """A simplified drawing (0..255 units, ValueError outside) -> uint8 (side, side) bitmap, white ink on black."""
+    xy, lengths = _simplified(drawing)
     canvas = _Canvas(side)
     out = np.empty((canvas.side, canvas.side), dtype=np.uint8)
     canvas.draw(xy, lengths, out)
@@ -255,7 +269,7 @@ def render_batch(drawings: Iterable, side: int = 28) -> np.ndarray:
     out = np.empty((len(drawings), side, side), dtype=np.uint8)
     for i, drawing in enumerate(drawings):
         try:
-            xy, lengths = _strokes(drawing)
+            xy, lengths = _simplified(drawing)
         except ValueError as e:
             raise ValueError(f"drawing {i}: {e}") from None
         canvas.draw(xy, lengths, out[i])
@@ -292,7 +306,7 @@ def _file_drawings(path: Path, kind: str, limit: int | None) -> Iterator[list]:
             if kind == "raw":
                 yield simplify(record["drawing"])
             else:
-                _strokes(record["drawing"])
+                _simplified(record["drawing"], times=False)
                 yield record["drawing"]
         except ValueError as e:
             raise ValueError(f"{path}: drawing {n}: {e}") from None
@@ -344,6 +358,27 @@ def build_bitmaps(src, out, kind: str = "simplified", categories: Iterable[str] 
         _save_npy(target, render_file(folder / f"{name}.ndjson", kind, max_per_class, side))
         paths[name] = target
     return paths
+
+
+def official_pairs(root, kind: str = "simplified", categories: Iterable[str] | None = None,
+                   limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rendered, official) uint8 (N, 784): line i of <root>/<kind>/<name>.ndjson rendered beside row i
+    of <root>/numpy_bitmap/<name>.npy, the first `limit` of each category, up to the shorter file.
+
+    categories=None takes every category that has both files.
+    """
+    root = Path(root)
+    folder = _stroke_dir(root, kind)
+    if categories is None:
+        categories = [p.stem for p in sorted((root / "numpy_bitmap").glob("*.npy"))
+                      if (folder / f"{p.stem}.ndjson").is_file()]
+    ours, theirs = [np.empty((0, 784), np.uint8)], [np.empty((0, 784), np.uint8)]
+    for name in categories:
+        official = np.load(root / "numpy_bitmap" / f"{name}.npy", mmap_mode="r")
+        n = len(official) if limit is None else min(limit, len(official))
+        ours.append(render_file(folder / f"{name}.ndjson", kind, n))
+        theirs.append(official[:len(ours[-1])])
+    return np.concatenate(ours), np.concatenate(theirs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

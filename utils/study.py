@@ -1,14 +1,15 @@
 """The study behind notebook.ipynb: its settings, its training runs and how their results are reported.
 
-Settings come from StudyConfig (defaults: the original study's ten categories and recipe) and can be
-overridden from the environment without editing the notebook:
+Settings come from StudyConfig (defaults: the original study's ten categories and recipe; the notebook's
+configuration cell passes its own to `from_env`) and can be overridden from the environment without
+editing the notebook:
 
     QD_CATEGORIES      comma-separated official names, e.g. "dog,alarm clock"   (default: the original ten)
     QD_MAX_PER_CLASS   drawings per category, or "all"                           (default: 10000)
     QD_EPOCHS          epochs for every run, or "recipe"                         (default: each run's recipe)
     QD_BATCH_SIZE      batch size for every run, or "recipe"                     (default: each run's recipe)
     QD_SEED            seed of the split, the initial weights and the batches    (default: 0)
-    QD_DEVICE          auto, cpu, cuda or mps                                     (default: auto)
+    QD_DEVICE          auto, cpu, cuda[:N] or mps, available here                 (default: auto)
     QD_MODELS          comma-separated runs to train, from RUNS                  (default: all of RUNS)
     QD_THREADS         torch CPU threads                                          (default: torch's choice)
     QD_PROGRESS        live progress bars, 1 or 0 (0 for headless runs: a saved notebook
@@ -30,7 +31,7 @@ import torch
 
 from utils import plots
 from utils.data import QuickDrawSet
-from utils.download import bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
+from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
 from utils.train import RECIPES, TrainConfig, fit, pick_device, score_and_save, set_seed
@@ -41,6 +42,7 @@ ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberr
 RUNS: dict[str, dict] = {"V1": RECIPES["v1"], "V2": RECIPES["v2"], "V2-XL": RECIPES["v2-xl"],
                          "V2-tuned": RECIPES["v2-tuned"], "ResNet": RECIPES["resnet"]}
 METRICS = ("top1", "top3", "map3")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 NONE_MEANS = {"max_per_class": "all", "epochs": "each run's recipe", "batch_size": "each run's recipe",
               "threads": "torch's choice"}
 
@@ -67,6 +69,7 @@ class StudyConfig:
 
     def __post_init__(self):
         self.categories = resolve_categories(self.categories)
+        self.device = _device(self.device)  # now, not an hour into the run
         unknown = [m for m in self.models if m not in RUNS]
         if unknown or not self.models:
             raise ValueError(f"unknown runs {unknown or self.models}; choose from {', '.join(RUNS)}")
@@ -76,10 +79,11 @@ class StudyConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @classmethod
-    def from_env(cls, environ=None) -> "StudyConfig":
-        """Defaults, overridden by whichever QD_* / QUICKDRAW_BASE_URL variables are set."""
+    def from_env(cls, environ=None, **defaults) -> "StudyConfig":
+        """`defaults` (fields; StudyConfig's own for the rest), overridden by whichever QD_* /
+        QUICKDRAW_BASE_URL variables are set."""
         environ = os.environ if environ is None else environ
-        values, overrides = {}, {}
+        values, overrides = dict(defaults), {}
         for var, (name, parse) in ENV.items():
             raw = environ.get(var, "").strip()
             if raw:
@@ -104,7 +108,7 @@ class StudyConfig:
                 continue
             value = getattr(self, f.name)
             note = f"   <- {self.overrides[f.name]}" if f.name in self.overrides else ""
-            if f.name == "base_url":
+            if f.name == "base_url" and value is None:
                 value = resolve_base_url(value)
             elif value is None:
                 value = NONE_MEANS.get(f.name, value)
@@ -135,6 +139,17 @@ def _flag(raw: str) -> bool:
     return words[raw.lower()]
 
 
+def _device(name: str) -> str:
+    """`name` if it is a device this machine has ("auto" always is)."""
+    if not isinstance(name, str) or name.split(":")[0] not in DEVICES:
+        raise ValueError(f"unknown device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    try:
+        pick_device(name)
+    except RuntimeError as e:  # e.g. cuda on a machine without a GPU
+        raise ValueError(f"device {name!r} cannot be used on this machine ({e})") from None
+    return name
+
+
 def _int(raw: str) -> int:
     try:
         return int(raw)
@@ -148,7 +163,7 @@ ENV = {
     "QD_EPOCHS": ("epochs", lambda s: _count(s, "recipe")),
     "QD_BATCH_SIZE": ("batch_size", lambda s: _count(s, "recipe")),
     "QD_SEED": ("seed", _int),
-    "QD_DEVICE": ("device", str),
+    "QD_DEVICE": ("device", _device),
     "QD_MODELS": ("models", _names),
     "QD_THREADS": ("threads", lambda s: _count(s, "auto")),
     "QD_PROGRESS": ("progress", _flag),
@@ -160,23 +175,34 @@ ENV = {
 }
 
 
-def download(config: StudyConfig) -> dict[str, Path]:
-    """Fetch (or find cached) the bitmaps of every category, with progress bars."""
-    return download_bitmaps(config.categories, root=config.data_dir, max_per_class=config.max_per_class,
-                            base_url=config.base_url, workers=config.workers, progress=config.progress)
+def download(config: StudyConfig) -> dict[str, Fetched]:
+    """Fetch (or find cached) the bitmaps of every category; what each fetch did, by category."""
+    fetched = {}
+    download_bitmaps(config.categories, root=config.data_dir, max_per_class=config.max_per_class,
+                     base_url=config.base_url, workers=config.workers, progress=config.progress, stats=fetched)
+    return fetched
 
 
-def summary_on_disk(config: StudyConfig) -> str:
-    """What the study will read: drawings and megabytes per category file."""
-    rows, total_n, total_mb = [], 0, 0.0
+def _moved(n_bytes: int) -> str:
+    return "cached" if n_bytes == 0 else f"{n_bytes / 1e6:.1f} MB fetched"
+
+
+def summary_on_disk(config: StudyConfig, fetched: dict[str, Fetched] | None = None) -> str:
+    """What the study will read: drawings and megabytes per category file, and what `fetched`
+    (from download) moved for it. The folder is shown as configured."""
+    rows, total_n, total_mb, total_moved = [], 0, 0.0, 0
     for name in config.categories:
         path = bitmap_path(config.data_dir, name)
         n = len(np.load(path, mmap_mode="r"))
         mb = path.stat().st_size / 1e6
         total_n, total_mb = total_n + n, total_mb + mb
         used = n if config.max_per_class is None else min(n, config.max_per_class)
-        rows.append(f"{name:>16}  {n:>9,} drawings  {mb:8.1f} MB  ({used:,} used)")
-    rows.append(f"{'total':>16}  {total_n:>9,} drawings  {total_mb:8.1f} MB  in {Path(config.data_dir).resolve()}")
+        moved = fetched[name].bytes_moved if fetched and name in fetched else None
+        total_moved += moved or 0
+        rows.append(f"{name:>16}  {n:>9,} drawings  {mb:8.1f} MB  ({used:,} used)"
+                    + ("" if moved is None else f"  {_moved(moved)}"))
+    rows.append(f"{'total':>16}  {total_n:>9,} drawings  {total_mb:8.1f} MB  in {config.data_dir}"
+                + (f"  {_moved(total_moved)}" if fetched else ""))
     return "\n".join(rows)
 
 
@@ -189,11 +215,12 @@ def describe_splits(**splits: QuickDrawSet) -> str:
     return "\n".join(lines)
 
 
-def examples(ds: QuickDrawSet, n: int = 4, seed: int = 0) -> torch.Tensor:
-    """One random drawing from each of the first n categories, uint8 (n, 28, 28)."""
+def examples(ds: QuickDrawSet, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """One random drawing from each of the first n categories, uint8 (n, 28, 28), and their categories."""
     g = torch.Generator().manual_seed(seed)
     picks = [torch.nonzero(ds.labels == c).flatten() for c in range(min(n, len(ds.classes)))]
-    return ds.images[torch.stack([idx[torch.randint(len(idx), (), generator=g)] for idx in picks])]
+    index = torch.stack([idx[torch.randint(len(idx), (), generator=g)] for idx in picks])
+    return ds.images[index], list(ds.classes[:len(picks)])
 
 
 def slug(run: str) -> str:
@@ -210,12 +237,13 @@ def train_and_evaluate(name: str, train: QuickDrawSet, val: QuickDrawSet, test: 
     set_seed(config.seed)  # the same initial weights for every rerun
     model = build_model(tc.model, len(train.classes))
     out = Path(config.models_dir) / f"{slug(name)}.pt"
-    history = fit(model, train, val, tc, out=out)  # returns with the best epoch's weights loaded
-    scores, metrics = score_and_save(out, model, tc, train.classes, history, val=val, test=test)
+    history = fit(model, train, val, tc, out=out, device=device)  # returns with the best epoch's weights loaded
+    scores, metrics = score_and_save(out, model, tc, train.classes, history, device=device, val=val, test=test)
     return dict(
         name=name, model_name=tc.model, recipe=dataclasses.asdict(tc), params=count_parameters(model),
         train_seconds=history["train_seconds"], images_per_s=history["train_images_per_s"],
-        epochs=len(history["train_loss"]), best_epoch=history.get("best_epoch"), history=history,
+        epochs=len(history["train_loss"]), planned_epochs=tc.epochs, stopped=history["stopped"],
+        best_epoch=history.get("best_epoch"), history=history,
         checkpoint=str(out), classes=list(train.classes), **metrics,
         per_class=scores["test"]["per_class"], confusion=scores["test"]["confusion"],
         test_pred=predict_logits(model, test.images, device=device).argmax(1).tolist(),
@@ -233,9 +261,11 @@ def run(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet, c
           + ", ".join(f"{k}={getattr(tc, k)}" for k in RUNS[name]))
     result = train_and_evaluate(name, train, val, test, config)
     print(history_table(result["history"]))
-    plots.save_figure(plots.curves(result["history"], name), f"curves_{slug(name)}", config.figures_dir)
+    axes = plots.curves(result["history"], name, label_smoothing=tc.label_smoothing)
+    plots.save_figure(axes, f"curves_{slug(name)}", config.figures_dir)
     print(f"{name}: val top-1 {result['val']['top1']:.2%}, test top-1 {result['test']['top1']:.2%}, "
-          f"{result['train_seconds']:.0f} s of training, checkpoint {result['checkpoint']}")
+          f"{epochs_done(result)} epochs in {result['train_seconds']:.0f} s of training, "
+          f"checkpoint {result['checkpoint']}")
     return result
 
 
@@ -278,6 +308,15 @@ def history_table(history: dict) -> Table:
     return Table(["epoch", "train loss", "train acc", "val loss", "val acc", "seconds"], rows)
 
 
+STOP_NOTES = {"time_budget": "time cap", "early_stopping": "early stop"}  # history["stopped"] -> words
+
+
+def epochs_done(result: dict) -> str:
+    """Epochs trained, e.g. "16 of 20 (time cap)" when fit stopped before the planned count."""
+    note = STOP_NOTES.get(result.get("stopped"))
+    return f"{result['epochs']} of {result['planned_epochs']} ({note})" if note else str(result["epochs"])
+
+
 def comparison_table(results: list[dict]) -> Table:
     """Parameters, training time and speed, and validation and test scores of every run.
     The run chosen as best (by validation top-1) is marked with *."""
@@ -285,7 +324,7 @@ def comparison_table(results: list[dict]) -> Table:
     columns = ["model", "params", "train s", "images/s", "epochs"] + [
         f"{split} {plots.METRIC_NAMES[m]}" for split in ("val", "test") for m in METRICS]
     rows = [[r["name"] + (" *" if r["name"] == best else ""), f"{r['params']:,}", f"{r['train_seconds']:.1f}",
-             f"{r['images_per_s']:,.0f}", str(r["epochs"])]
+             f"{r['images_per_s']:,.0f}", epochs_done(r)]
             + [f"{100 * r[split][m]:.2f}%" for split in ("val", "test") for m in METRICS] for r in results]
     return Table(columns, rows)
 
@@ -298,10 +337,28 @@ def _most_confused(result: dict) -> tuple[str, str, float]:
     return result["classes"][i], result["classes"][j], float(rates[i, j])
 
 
-def findings(results: list[dict]) -> list[str]:
-    """The study's conclusions, computed from the results of this run."""
+@dataclass
+class Findings:
+    """The study's findings and the conclusion drawn from them; shows as a Markdown list in Jupyter."""
+    items: list[str]
+    conclusion: str
+
+    def __str__(self) -> str:
+        return "\n".join(f"- {item}" for item in self.items) + f"\n\n{self.conclusion}"
+
+    __repr__ = _repr_markdown_ = __str__
+
+
+def _gain(by: dict[str, dict], a: str, b: str) -> tuple[float, float]:
+    """Test top-1 points run `a` gained over run `b`, and its training time as a multiple of b's."""
+    points = 100 * (by[a]["test"]["top1"] - by[b]["test"]["top1"])
+    return points, by[a]["train_seconds"] / max(by[b]["train_seconds"], 1e-9)
+
+
+def findings(results: list[dict]) -> Findings:
+    """The study's findings, computed from the results of this run."""
     if not results:
-        return ["no run was trained"]
+        return Findings([], "No run was trained.")
     by = {r["name"]: r for r in results}
     best = best_result(results)
     n_test = best["test"]["n"]
@@ -313,9 +370,13 @@ def findings(results: list[dict]) -> list[str]:
                        ("V2-tuned", "V2", "the same network, our recipe"),
                        ("ResNet", "V2", "the residual network and our recipe")):
         if a in by and b in by:
-            ta, tb = by[a]["test"]["top1"], by[b]["test"]["top1"]
-            out.append(f"{a} vs {b} ({what}): test top-1 {tb:.2%} -> {ta:.2%} ({100 * (ta - tb):+.2f} points), "
-                       f"{by[a]['train_seconds'] / max(by[b]['train_seconds'], 1e-9):.1f}x the training time.")
+            points, ratio = _gain(by, a, b)
+            out.append(f"{a} vs {b} ({what}): test top-1 {by[b]['test']['top1']:.2%} -> {by[a]['test']['top1']:.2%} "
+                       f"({points:+.2f} points), {ratio:.1f}x the training time.")
+    for r in results:
+        if r.get("stopped") in STOP_NOTES:
+            out.append(f"{r['name']} stopped after {r['epochs']} of {r['planned_epochs']} epochs "
+                       f"({STOP_NOTES[r['stopped']]}); it is scored at its best epoch, {r['best_epoch']}.")
     fastest = max(results, key=lambda r: r["images_per_s"])
     out.append(f"Fastest training: {fastest['name']} at {fastest['images_per_s']:,.0f} images/s.")
     per_class = best["per_class"]
@@ -326,7 +387,23 @@ def findings(results: list[dict]) -> list[str]:
     gap = best["val"]["top1"] - best["test"]["top1"]
     out.append(f"{best['name']}: validation and test top-1 differ by {100 * abs(gap):.2f} points "
                f"({best['val']['n']:,} and {n_test:,} drawings, both held out before any augmentation).")
-    return out
+    return Findings(out, _conclusion(by, best))
+
+
+def _conclusion(by: dict[str, dict], best: dict) -> str:
+    parts = []
+    if "V2-XL" in by and "V2" in by:
+        points, ratio = _gain(by, "V2-XL", "V2")
+        parts.append(f"the original study's rotated and flipped copies (V2-XL) moved V2's test top-1 by "
+                     f"{points:+.2f} points for {ratio:.1f}x its training time")
+    if "V2" in by and best["name"] not in ("V2", "V2-XL"):
+        points, ratio = _gain(by, best["name"], "V2")
+        parts.append(f"{best['name']}, the best run by validation, moved it by {points:+.2f} points "
+                     f"for {ratio:.1f}x")
+    else:
+        parts.append(f"{best['name']} is the best run by validation, at {best['test']['top1']:.2%} test top-1")
+    text = "; ".join(parts)
+    return f"**In short:** {text[0].upper()}{text[1:]}."
 
 
 def save_best(best: dict, config: StudyConfig) -> Path:
