@@ -149,6 +149,8 @@ def test_confusion_matrix_never_labels_a_rare_confusion_as_zero():
     cm = np.array([[996, 4, 0], [1, 3, 0], [0, 0, 5]])  # 0.4% of cats taken for dogs: would print "0"
     ax = plots.confusion_matrix(cm, CLASSES)
     assert texts(ax) == ["100", "25", "75", "100"]
+    half = np.array([[995, 5, 0], [1, 3, 0], [0, 0, 5]])  # exactly 0.5%, which Python rounds to "0"
+    assert texts(plots.confusion_matrix(half, CLASSES)) == ["100", "25", "75", "100"]
     assert [t.get_text() for t in plots.confusion_matrix(cm, CLASSES, normalize=False).texts] == \
         ["996", "4", "1", "3", "5"]
     with pytest.raises(ValueError, match="3 classes"):

@@ -209,8 +209,9 @@ def confusion_matrix(cm, classes: Sequence[str], normalize: bool = True, ax: Axe
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class" if normalize else "drawings")
     if len(classes) <= 25:  # beyond that the numbers no longer fit in the cells
         for (i, j), v in np.ndenumerate(m):
-            if v >= 0.5:  # smaller, a rare confusion would read as a misleading "0"
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+            label = f"{v:.0f}"
+            if label != "0":  # a rare confusion (0.5% rounds to even) would read as a misleading "0"
+                ax.text(j, i, label, ha="center", va="center", fontsize=7,
                         color="white" if v > 0.6 * m.max() else "black")
     ax.set_xticks(np.arange(len(classes)), classes, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(np.arange(len(classes)), classes)
