@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.data import to_float
 from utils.strokes import render, simplify
-from utils.train import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
 
 SIDE = 28
 # The official rasterization (see utils.strokes.render): the simplified drawing spans 255 units,

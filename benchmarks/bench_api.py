@@ -37,12 +37,11 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from app.agreement import agreement, bitmap_categories, train_bitmap_model  # noqa: E402  (after the path is set)
-from app.launch import running_server  # noqa: E402
-from tests.mirror import SHARED_DIR  # noqa: E402
-from utils.strokes import read_ndjson  # noqa: E402
-from utils.train import load_checkpoint  # noqa: E402
+from app.agreement import agreement, bitmap_categories, train_bitmap_model
+from app.launch import running_server
+from tests.mirror import SHARED_DIR
+from utils.strokes import read_ndjson
+from utils.train import load_checkpoint
 
 FULL = SHARED_DIR / "full"
 WRK_SCRIPT = """

@@ -29,9 +29,8 @@ import torch
 from torch.utils.data import DataLoader, random_split
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.mirror import SHARED_DIR  # noqa: E402  (after the path is set)
-from utils.data import iterate_batches, load_bitmaps, split, stratified_split  # noqa: E402
+from tests.mirror import SHARED_DIR
+from utils.data import iterate_batches, load_bitmaps, split, stratified_split
 
 # The original path as measured on this machine at the default scale: load to first batch, peak, rate.
 REFERENCE = dict(first_batch_s=44.0, peak_gb=12.8, images_per_s=186_000)
@@ -143,9 +142,9 @@ RUNS = [("original", 64), ("ours-split", 64), ("ours-split", 256), ("ours-index"
 
 
 def run_child(cfg: BenchConfig, pipeline: str, batch_size: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", pipeline, "--batch-size", str(batch_size),
+    cmd = [sys.executable, "-m", "benchmarks.bench_data", "--child", pipeline, "--batch-size", str(batch_size),
            "--config", json.dumps(asdict(cfg))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{pipeline} (batch {batch_size}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

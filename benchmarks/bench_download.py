@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
-from tests.mirror import SHARED_DIR, Faults, header_size, serve  # noqa: E402
+from tests.mirror import SHARED_DIR, Faults, header_size, serve
 
 CATEGORIES = ("cat", "alarm clock", "smiley face")
 N = 700

@@ -23,9 +23,8 @@ import cairocffi
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
-from tests.mirror import SHARED_DIR  # noqa: E402
-from utils.strokes import official_pairs, read_ndjson, render, render_batch, simplify  # noqa: E402
+from tests.mirror import SHARED_DIR
+from utils.strokes import official_pairs, read_ndjson, render, render_batch, simplify
 
 FULL = SHARED_DIR / "full"
 REPORT = PROJECT / "reports" / "bench_strokes.json"

@@ -119,6 +119,10 @@ pip_install() {
   echo "$digest" > "$stamp"
 }
 pip_install requirements.txt
+# The project itself, editable: `import utils` / `import app` work from any folder, with no sys.path edits.
+if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("quickdraw")' 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-deps -e .
+fi
 (( want_bench )) && pip_install benchmarks/requirements.txt
 if (( want_bench )) && ! command -v wrk >/dev/null; then
   echo "setup: wrk is not available from apt; benchmarks/bench_api.py will generate load with httpx"

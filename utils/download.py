@@ -46,6 +46,8 @@ import numpy as np
 import requests
 from tqdm.auto import tqdm
 
+from utils.io import atomic_write, write_json
+
 DEFAULT_BASE_URL = "https://storage.googleapis.com/quickdraw_dataset/"
 BASE_URL_ENV = "QUICKDRAW_BASE_URL"
 CATEGORIES_FILE = Path(__file__).resolve().parents[1] / "data" / "categories.txt"
@@ -345,23 +347,6 @@ def _copy(src, dst, n: int) -> None:
         n -= len(chunk)
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator:
-    """A temporary file beside `path`, moved onto it only when the block succeeds."""
-    # Same folder, so the rename is atomic; one name per process and thread; mode 666 less the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _append(part: Path, chunks: Iterable[bytes], skip: int, limit: int | None,
             meter: Callable[[int], None]) -> int:
     """Append chunks to part, dropping the first `skip` bytes and stopping after `limit`; bytes written."""
@@ -480,7 +465,7 @@ def _fetch_prefix(fmt, source, out: Path, part: Path, n: int | None, settings: F
             new = {"source": str(source), **identity}
         if new != tag:  # on disk before the bytes it vouches for
             tag = new
-            _write_json(_tag(part), tag)
+            write_json(_tag(part), tag)
 
     total = tag.get("remote_bytes") if tag and _size(part) else None
     failures, changes = 0, 0
@@ -536,11 +521,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with _atomic(path) as f:
-        f.write(json.dumps(obj, indent=1).encode())
 
 
 def _origin(meta: dict | None) -> str:
@@ -603,11 +583,11 @@ def _seed_part(fmt, out: Path, meta: dict, part: Path) -> None:
     if part.exists() and _read_json(_tag(part)) == tag and _size(part) >= len(head) + _size(out) - offset:
         return  # an interrupted download of the same remote file went further: resume that
     _tag(part).unlink(missing_ok=True)
-    with _atomic(part) as f, open(out, "rb") as src:
+    with atomic_write(part) as f, open(out, "rb") as src:
         f.write(head)
         src.seek(offset)
         shutil.copyfileobj(src, f)
-    _write_json(_tag(part), tag)
+    write_json(_tag(part), tag)
 
 
 def _fetch_one(fmt, name: str, root, n: int | None, base: str, settings: FetchSettings,
@@ -649,12 +629,12 @@ def _fetch_locked(fmt, out: Path, n: int | None, source, settings: FetchSettings
         raise
     total = tag.get("remote_bytes")
     complete = total is not None and need >= total
-    with _atomic(out) as f:  # the sidecar lands first: a file without a matching one is never trusted
+    with atomic_write(out) as f:  # the sidecar lands first: a file without a matching one is never trusted
         rows = fmt.write(part, need, f, source)
         meta = {"source": str(source), "rows": rows, "bytes": f.tell(), "complete": complete,
                 **{k: tag.get(k) for k in IDENTITY}, "remote_head": _read_head(part)[:fmt.head_size(part)].hex()}
         f.flush()
-        _write_json(sidecar, meta)
+        write_json(sidecar, meta)
     if fmt.rows(out) != rows or _size(out) != meta["bytes"]:
         raise CorruptFileError(f"{out} does not read back as the {rows} rows just written")
     _tag(part).unlink()

@@ -16,12 +16,13 @@ import argparse
 import difflib
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from utils.io import atomic_write
 
 EPSILON = 2.0       # Ramer-Douglas-Peucker tolerance of the simplification, in 0..255 units
 EXTENT = 255.0      # a simplified drawing spans 0..EXTENT on its longer side
@@ -287,16 +288,9 @@ def _stroke_dir(src, kind: str) -> Path:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save through a temporary file and a rename, so a file on disk is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """np.save through atomic_write, so a file on disk is always complete."""
+    with atomic_write(path) as f:
+        np.save(f, array)
 
 
 def _file_drawings(path: Path, kind: str, limit: int | None) -> Iterator[list]:

@@ -32,6 +32,7 @@ import torch
 from utils import plots
 from utils.data import QuickDrawSet
 from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
+from utils.io import atomic_write
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
 from utils.train import RECIPES, TrainConfig, fit, pick_device, score_and_save, set_seed
@@ -409,8 +410,7 @@ def _conclusion(by: dict[str, dict], best: dict) -> str:
 def save_best(best: dict, config: StudyConfig) -> Path:
     """Copy the best run's checkpoint to <models_dir>/best.pt for the web API."""
     dest = Path(config.models_dir) / "best.pt"
-    tmp = dest.with_suffix(".pt.tmp")
-    shutil.copyfile(best["checkpoint"], tmp)
-    tmp.replace(dest)  # atomic: a reader never sees half a checkpoint
+    with atomic_write(dest) as f, open(best["checkpoint"], "rb") as src:
+        shutil.copyfileobj(src, f)
     print(f"{best['name']} saved as {dest}; serve it with: python -m app --model {dest}")
     return dest

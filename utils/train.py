@@ -11,22 +11,23 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from utils.augment import RandomAugment, xl_augment
+from utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, save_state  # noqa: F401
 from utils.data import QuickDrawSet, iterate_batches, load_bitmaps, split
+from utils.device import pick_device, set_seed  # noqa: F401  (re-exported for callers of utils.train)
 from utils.download import download_bitmaps, resolve_categories
+from utils.io import write_json
 from utils.metrics import evaluate_model, predict_logits
 from utils.models import MODELS, build_model, count_parameters
 
@@ -96,28 +97,6 @@ RECIPES: dict[str, dict] = {
 
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 RUNTIME_FIELDS = ("device", "num_threads", "max_minutes", "eval_batch_size", "progress")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not hold what a checkpoint holds."""
-
-
-def pick_device(preference: str = "auto") -> torch.device:
-    """"auto": cuda, then mps, then cpu; otherwise the device named, if available."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if preference == "auto":
-        return torch.device(next(name for name, ok in available.items() if ok))
-    kind = torch.device(preference).type
-    if not available.get(kind, False):
-        raise RuntimeError(f"device {preference!r} is not available here")
-    return torch.device(preference)
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -201,58 +180,6 @@ def last_path(out: Path) -> Path:
     return Path(out).with_suffix(".last.pt")
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # a reader never sees half a file
-
-
-def _read(path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's own message is pages of advice on weights_only=False, which would run a foreign pickle
-        raise CheckpointError(f"{path} is not a checkpoint written by utils.train, or is damaged "
-                              f"(torch.load: {type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or not {"state_dict", "model_name", "classes"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a checkpoint written by utils.train (no state_dict, model_name, classes)")
-    return ckpt
-
-
-def save_checkpoint(path, model: nn.Module, model_name: str, classes: list[str], config: TrainConfig | dict,
-                    history: dict, metrics: dict | None = None) -> None:
-    """Write the weights with everything needed to rebuild and describe them (atomically)."""
-    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(dict(state_dict=state, model_name=model_name, classes=list(classes), config=config,
-                      history=history, metrics=metrics), path)
-
-
-def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
-    """The model rebuilt by name (eval mode, on device) and the checkpoint dict.
-
-    A missing file raises FileNotFoundError; a directory, an unreadable or a foreign file CheckpointError;
-    each a single line naming the path.
-    """
-    ckpt = _read(path)
-    try:
-        model = build_model(ckpt["model_name"], len(ckpt["classes"]))
-        model.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not fit model {ckpt['model_name']!r}: {e}") from e
-    ckpt.setdefault("config", {})
-    ckpt.setdefault("history", {})
-    ckpt.setdefault("metrics", None)
-    return model.to(device).eval(), ckpt
-
-
 # ---------------------------------------------------------------------------------------------- fit
 
 def _new_history() -> dict:
@@ -299,10 +226,10 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
          resume: bool, device: torch.device) -> dict:
     history, best_state, since_best, last = _new_history(), None, 0, None
     if resume:
-        last = _read(last_path(out))
+        last = read_checkpoint(last_path(out))
         _check_resumable(last["config"], config, last_path(out))
         history, since_best = last["history"], last["since_best"]
-        best_state = _read(out)["state_dict"] if Path(out).is_file() else None
+        best_state = read_checkpoint(out)["state_dict"] if Path(out).is_file() else None
     bf16 = config.bf16 and device.type in ("cpu", "cuda")
     model.to(device)
     if config.channels_last:
@@ -384,7 +311,7 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
     if best_state is not None:
         model.load_state_dict(best_state)
     if out is not None:
-        history_path(out).write_text(json.dumps(history, indent=1))
+        write_json(history_path(out), history, indent=1)
     return history
 
 
@@ -392,13 +319,13 @@ def _save_progress(out, model, best_state, classes, config, history, optimizer, 
     """After an epoch: the best checkpoint if this epoch is the best, the resumable "last" one always."""
     if best_state is not None:
         save_checkpoint(out, model, config.model, classes, config, history)
-    _atomic_save(dict(state_dict=model.state_dict(), model_name=config.model, classes=list(classes),
+    save_state(dict(state_dict=model.state_dict(), model_name=config.model, classes=list(classes),
                       config=dataclasses.asdict(config), history=history, optimizer=optimizer.state_dict(),
                       scheduler=None if scheduler is None else scheduler.state_dict(), since_best=since_best,
                       rng=torch.get_rng_state(),
                       aug_rng=None if transform is None else transform.keywords["generator"].get_state()),
                  last_path(out))
-    history_path(out).write_text(json.dumps(history, indent=1))
+    write_json(history_path(out), history, indent=1)
 
 
 # --------------------------------------------------------------------------------------------- command line
