@@ -175,6 +175,8 @@ def test_a_split_other_than_the_checkpoints_is_refused(trained, tmp_path):
     save_state(ckpt, tmp_path / "other.pt")
     with pytest.raises(ExportError, match=r"test split is (9\d\.\d\d|100\.00)% but the checkpoint records 50\.00%"):
         export(tmp_path / "other.pt", tmp_path / "m.onnx", data=data)
+    with pytest.raises(ExportError, match=r"5 of the checkpoint's 5 categories have no bitmaps under .*--data"):
+        export(checkpoint, tmp_path / "m.onnx", data=tmp_path / "elsewhere")
     del ckpt["config"]["seed"]
     save_state(ckpt, tmp_path / "unseeded.pt")
     with pytest.raises(ExportError, match="records no split seed: pass --split-seed"):
@@ -190,6 +192,9 @@ def test_command_line(trained, tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["parity"]["top1_disagreements"] == 0 and out.is_file() and not int8_path(out).exists()
+    # bitmaps fetched as training fetched them: from the mirror into an empty folder
+    report = export(checkpoint, tmp_path / "fetched.onnx", data=tmp_path / "data", base_url=data.parent / "mirror")
+    assert report["parity"]["n"] == len(SHAPES) * PER_CLASS // 10 and (tmp_path / "data" / "numpy_bitmap").is_dir()
     done = subprocess.run([sys.executable, "-m", "utils.export", str(tmp_path / "none.pt"), "--data", str(data)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stderr.startswith("error: checkpoint not found")

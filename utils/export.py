@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from torch import nn
 from app.backends import INPUT_CONVENTION, INPUT_NAME, JSON_FIELDS, OUTPUT_NAME, SIDE, OnnxBackend
 from utils.checkpoint import load_checkpoint
 from utils.data import QuickDrawSet, load_bitmaps, split, to_float
-from utils.download import bitmap_path, download_bitmaps
+from utils.download import BASE_URL_ENV, DEFAULT_BASE_URL, bitmap_path, download_bitmaps
 from utils.io import atomic_write
 from utils.metrics import map_at_k, predict_logits, topk_accuracy
 
@@ -105,7 +106,7 @@ def check_parity(model: nn.Module, onnx_model: bytes, part: QuickDrawSet, max_lo
     figures = dict(n=len(part), top1_disagreements=disagree, top1_agreement=1 - disagree / len(part),
                    max_logit_diff=float(np.abs(reference - ours).max()), max_allowed=max_logit_diff)
     if disagree or not figures["max_logit_diff"] <= max_logit_diff:
-        raise ExportError(f"ONNX Runtime and torch differ on {len(part):,} drawings: {disagree} top-1 "
+        raise ExportError(f"ONNX Runtime and torch differ on the {len(part):,} drawings checked: {disagree} top-1 "
                           f"disagreements, max |logit difference| {figures['max_logit_diff']:.3g} "
                           f"(allowed {max_logit_diff:g}); nothing written")
     return figures, ours
@@ -132,7 +133,7 @@ def calibration_sample(train: QuickDrawSet, size: int, seed: int = 0) -> np.ndar
 
 
 def quantize_int8(onnx_model: bytes, calibration: np.ndarray, settings: QuantSettings) -> bytes:
-    """Static int8 (QDQ, int8 weights and activations) of a float model, calibrated on uint8 bitmaps."""
+    """Static int8 (QDQ: int8 weights, uint8 activations) of a float model, calibrated on uint8 bitmaps."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
@@ -178,8 +179,9 @@ def rebuild_split(ckpt: dict, data, which: str = "test", max_per_class: int | No
                   ) -> tuple[QuickDrawSet, QuickDrawSet]:
     """(training split, the split named) of the checkpoint's classes, made as utils.train made them.
 
-    Bitmaps missing under `data` are fetched (from base_url if given). ExportError when the split cannot
-    be the one the checkpoint was scored on: no seed recorded and none given, or another size than recorded.
+    Bitmaps missing under `data` are fetched from base_url (or $QUICKDRAW_BASE_URL); with neither, and
+    whenever the split cannot be the one the checkpoint was scored on (no seed recorded and none given,
+    another size than recorded), ExportError says what to pass.
     """
     if which not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {which!r}")
@@ -189,6 +191,10 @@ def rebuild_split(ckpt: dict, data, which: str = "test", max_per_class: int | No
         raise ExportError("the checkpoint records no split seed: pass --split-seed (the training run's "
                           "--split-seed, or its --seed)")
     missing = [name for name in classes if not bitmap_path(data, name).is_file()]
+    if missing and not (base_url or os.environ.get(BASE_URL_ENV)):  # no surprise download of the whole set
+        raise ExportError(f"{len(missing)} of the checkpoint's {len(classes)} categories have no bitmaps under "
+                          f"{data} (first: {bitmap_path(data, missing[0])}): pass --data, the folder it was "
+                          f"trained on, or --base-url to fetch them (e.g. {DEFAULT_BASE_URL})")
     if missing or base_url:
         download_bitmaps(classes, root=data, max_per_class=max_per_class, base_url=base_url, progress=progress)
     parts = dict(zip(SPLITS, split(load_bitmaps(classes, root=data, max_per_class=max_per_class), seed=seed)))
@@ -226,6 +232,11 @@ def export(checkpoint, out, data="data", which: str = "test", int8: bool = False
     `calibration` (uint8 (N,28,28)) replaces the sample of training drawings. Returns the figures.
     """
     t0 = time.perf_counter()
+
+    def say(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
     out = Path(out)
     int8_out = Path(int8_out) if int8_out else int8_path(out)
     model, ckpt = load_checkpoint(checkpoint)
@@ -235,6 +246,8 @@ def export(checkpoint, out, data="data", which: str = "test", int8: bool = False
     proto = to_onnx(model)
     parity, float_logits = check_parity(model, with_metadata(proto, metadata), part, max_logit_diff)
     float_scores = scores(float_logits, part.labels)
+    say(f"ONNX Runtime vs torch on the {len(part):,} drawings of the {which} split: every top-1 agrees, max |logit "
+        f"difference| {parity['max_logit_diff']:.2g}; top-1 {float_scores['top1']:.2%}")
     check_recorded_top1(ckpt, which, float_scores["top1"])
     check = dict(split=which, **parity)
     float_model = with_metadata(proto, dict(metadata, check=check))
@@ -246,6 +259,9 @@ def export(checkpoint, out, data="data", which: str = "test", int8: bool = False
         sample = calibration_sample(train, quant.calibration_size, quant.seed) if calibration is None else calibration
         int8_model = quantize_int8(float_model, sample, quant)
         int8_scores = check_int8(int8_model, float_scores, part, max_top1_drop)
+        say(f"int8 calibrated on {len(sample):,} training drawings: top-1 {int8_scores['top1']:.2%}, top-3 "
+            f"{int8_scores['top3']:.2%}, MAP@3 {int8_scores['map3']:.4f} (float: {float_scores['top1']:.2%}, "
+            f"{float_scores['top3']:.2%}, {float_scores['map3']:.4f})")
         quantization = dict(asdict(quant), calibration_drawings=len(sample), format="QDQ", weights="int8",
                             activations="uint8", split=which, float=float_scores, int8=int8_scores)
         int8_model = with_metadata(onnx.load_from_string(int8_model), dict(metadata, check=check,
@@ -255,6 +271,7 @@ def export(checkpoint, out, data="data", which: str = "test", int8: bool = False
     for path, content in files.items():  # every check passed
         with atomic_write(path) as f:
             f.write(content)
+        say(f"written: {path} ({len(content):,} bytes)")
     report["seconds"] = time.perf_counter() - t0
     return report
 
