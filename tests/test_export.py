@@ -20,7 +20,8 @@ from utils import export as export_module
 from utils import train as train_module
 from utils.checkpoint import load_checkpoint, read_checkpoint, save_state
 from utils.data import load_bitmaps, split, to_float
-from utils.export import ExportError, export, int8_path, rebuild_split
+from utils.export import ExportError, export, int8_path, rebuild_split, to_onnx, with_metadata
+from utils.models import MODELS, build_model
 from utils.strokes import render_batch, simplify
 
 SHAPES = {  # official category names; each stroke a list of corners, as complex points in a unit box
@@ -93,6 +94,24 @@ def test_onnx_agrees_with_torch_on_the_whole_test_split(trained, exported):
     # The model learnt the shapes, so agreeing is not agreeing on noise; and its score is the recorded one.
     assert report["float"]["top1"] == pytest.approx(ckpt["metrics"]["test"]["top1"], abs=1e-6)
     assert report["float"]["top1"] > 0.8
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_exports_with_a_dynamic_batch(name):
+    """Each registered network (untrained; batch norm statistics set) gives torch's logits at any batch size."""
+    torch.manual_seed(0)
+    model = build_model(name, 7).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # folded into the convolutions by the exporter
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2)
+    backend = OnnxBackend(with_metadata(to_onnx(model), dict(classes=list("abcdefg"), model_name=name)))
+    images = torch.randint(0, 256, (33, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(to_float(images)).numpy()  # (33,7)
+    for size in (1, 33):
+        ours = np.concatenate([backend.logits(images[i:i + size].numpy()) for i in range(0, len(images), size)])
+        assert np.abs(ours - reference).max() <= 1e-4 and (ours.argmax(1) == reference.argmax(1)).all()
 
 
 def test_metadata_round_trips(trained, exported):
