@@ -121,7 +121,8 @@ class QuantSettings:
     batch_size: int = 256           # calibration batches
     method: str = "MinMax"          # onnxruntime.quantization.CalibrationMethod: MinMax | Entropy | Percentile
     per_channel: bool = True        # one weight scale per output channel
-    # 7-bit weights: exact on CPUs without VNNI (AVX2), where u8 x s8 products can saturate int16 sums.
+    # 7-bit weights: on CPUs without VNNI (AVX2 only) ONNX Runtime's u8 x s8 products summed in pairs can
+    # saturate int16 with 8-bit ones; the int8 model must be right on every CPU, not only this one.
     reduce_range: bool = True
     seed: int = 0
 
@@ -295,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-method", default=q.method, choices=("MinMax", "Entropy", "Percentile"))
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=q.per_channel)
     p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=q.reduce_range,
-                   help="7-bit weights, exact on CPUs without VNNI (default on)")
+                   help="7-bit weights: no saturation on CPUs without VNNI (default on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args(argv)
 
