@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests.mirror import Faults, header_size, serve
+from utils.categories import UnknownCategoryError, resolve_categories
 from utils.download import (BASE_URL_ENV, DEFAULT_BASE_URL, GUESSED_HEADER, DownloadError, FetchSettings,
-                            UnknownCategoryError, download_bitmaps, download_strokes, main, resolve_base_url,
-                            resolve_categories)
+                            download_bitmaps, download_strokes, main, resolve_base_url)
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROW = 784
@@ -40,6 +40,11 @@ def fetch(url, root, n, names=("cat",), settings=FAST, **kw) -> dict:
     download_bitmaps(names, root=root, max_per_class=n, base_url=url, progress=False, settings=settings,
                      stats=stats, **kw)
     return stats
+
+
+def listing(folder: Path) -> list[str]:
+    """The files a download leaves, less its lock file (kept: removing it could let two fetches in at once)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 def local(root, name="cat") -> np.ndarray:
@@ -112,15 +117,15 @@ def test_interrupted_run_leaves_no_final_file_and_the_next_run_resumes(remote, t
     with serve(base, Faults(script=["drop"] + [500] * 9, drop_after=cut)) as mirror:
         with pytest.raises(DownloadError, match="cat.npy.*giving up"):
             fetch(mirror.url, root, 200, settings=FetchSettings(retries=2, backoff=0.01))
-        # no final file, sidecar, temporary file or lock: the bytes and the tag naming their remote file
-        assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy.part", "cat.npy.part.json"]
+        # no final file, sidecar or temporary file: the bytes and the tag naming their remote file
+        assert listing(out.parent) == ["cat.npy.part", "cat.npy.part.json"]
         assert out.with_name("cat.npy.part").stat().st_size == cut
         mirror.faults, start = Faults(), len(mirror.requests)  # the same URL, now healthy
         got = fetch(mirror.url, root, 200)["cat"]
     assert mirror.requests[start].range.startswith(f"bytes={cut}-")
     assert got.bytes_moved == 128 + 200 * ROW - cut
     np.testing.assert_array_equal(local(root), arr[:200])
-    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy", "cat.npy.json"]
+    assert listing(out.parent) == ["cat.npy", "cat.npy.json"]
 
 
 def test_failed_growth_keeps_the_cached_file_intact(remote, tmp_path):
@@ -224,7 +229,7 @@ def test_bad_remote_file_is_a_clear_error(tmp_path, problem, match):
     with serve(tmp_path / "remote") as mirror:
         with pytest.raises(DownloadError, match=rf"cat\.npy.*{match}"):
             fetch(mirror.url, tmp_path / "data", None)
-    assert not list((tmp_path / "data/numpy_bitmap").iterdir())
+    assert listing(tmp_path / "data/numpy_bitmap") == []
 
 
 def test_unknown_category_suggests_the_closest_names(tmp_path):
@@ -354,7 +359,8 @@ def test_remote_file_replaced_at_the_same_url_is_fetched_anew(tmp_path, caplog, 
     np.testing.assert_array_equal(local(root), new[:60])
     assert got.bytes_moved == 128 + 60 * ROW  # the refused answer's body is not read
     resumed = mirror.requests[start]
-    assert resumed.range.startswith(f"bytes={128 + 10 * ROW}-")
+    # Without validators the resume re-reads the last cached row to compare it.
+    assert resumed.range.startswith(f"bytes={128 + (10 if validators else 9) * ROW}-")
     if validators:  # the resume was conditional on the cached file's ETag, so the changed file came whole
         assert before["etag"] and resumed.if_range == before["etag"] and resumed.status == 200
     else:
@@ -384,7 +390,7 @@ def test_two_downloads_of_one_file_at_once_fetch_it_once(remote, tmp_path):
     assert errors == []
     np.testing.assert_array_equal(local(root), arr[:100])
     assert sorted(g.bytes_moved for g in results) == [0, 128 + 100 * ROW] == [0, mirror.sent()]
-    assert sorted(p.name for p in (root / "numpy_bitmap").iterdir()) == ["cat.npy", "cat.npy.json"]
+    assert listing(root / "numpy_bitmap") == ["cat.npy", "cat.npy.json"]
 
 
 def test_fewer_rows_than_asked_is_a_warning(remote, tmp_path, caplog):

@@ -11,19 +11,19 @@ Local layout under root (default "data"):
                                    (URL, size, ETag/Last-Modified, header) the rows came from
     numpy_bitmap/<name>.npy.part   raw remote bytes of an unfinished download, resumed from its length
     numpy_bitmap/<name>.npy.part.json  which remote file those bytes came from
-    numpy_bitmap/<name>.npy.lock   held while the file is being fetched (removed after)
+    numpy_bitmap/<name>.npy.lock   locked while the file is being fetched
     <kind>/<name>.ndjson (+ .json, .part, ...) likewise
-Cached bytes are reused only for the same URL and the same remote file (size and validator); otherwise
-they are discarded and the file is fetched from its start.
+Cached bytes are reused only for the same URL and the same remote file. A resume is conditional on the
+file's ETag (If-Range); where the server gives none, the request re-reads the last cached row or line
+and compares it. Any other answer (a whole file where a range was asked, a changed size or validator,
+different bytes) discards the partial bytes and fetches from byte 0. Every body is checked to be what it
+claims to be (a .npy of uint8 rows agreeing with the file's size, lines of JSON drawings, not an HTML page).
 
     python -m utils.download cat "alarm clock" --max-per-class 5000 --root data/
 """
 from __future__ import annotations
 
 import argparse
-import difflib
-import fcntl
-import io
 import json
 import logging
 import os
@@ -35,41 +35,32 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import requests
+from filelock import FileLock, Timeout
+from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
+from urllib3.util.retry import Retry
 
+from utils.categories import category_names, resolve_categories
 from utils.io import atomic_write, write_json
+from utils.npy import MAX_HEADER, NpyHeaderError, read_header
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/quickdraw_dataset/"
 BASE_URL_ENV = "QUICKDRAW_BASE_URL"
-CATEGORIES_FILE = Path(__file__).resolve().parents[1] / "data" / "categories.txt"
 KINDS = ("simplified", "raw")
 ROW_BYTES = 28 * 28
-MAX_HEADER = 1 << 16  # a .npy header longer than this is not one numpy writes for a 2-d array
 GUESSED_HEADER = 128  # numpy pads .npy headers to a multiple of 64 bytes (older versions: 16, giving 80)
 IDENTITY = ("remote_bytes", "etag", "last_modified")  # recorded with cached bytes; any change discards them
 MAX_CHANGES = 3  # a remote file replaced this often during one fetch is an error, not a thing to chase
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # the link or the server, not the request, is at fault
 
 log = logging.getLogger(__name__)
-
-
-class UnknownCategoryError(ValueError):
-    """Names that are not among the 345 official categories; .unknown maps each to its closest names."""
-
-    def __init__(self, unknown: dict[str, list[str]]):
-        self.unknown = unknown
-        parts = [f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
-                 for name, close in unknown.items()]
-        super().__init__(f"unknown Quick, Draw! categor{'y' if len(unknown) == 1 else 'ies'}: "
-                         f"{', '.join(parts)}; the official names are listed in {CATEGORIES_FILE}")
 
 
 class DownloadError(RuntimeError):
@@ -80,22 +71,22 @@ class CorruptFileError(DownloadError):
     """A file (local or remote) whose content does not match what it claims to be."""
 
 
-class _Transient(Exception):
-    """A failure worth retrying (5xx, a response with no data)."""
+class _Dropped(Exception):
+    """A body that ended early or brought nothing: resumed from the bytes kept."""
 
 
 class _Changed(Exception):
-    """The remote file is not the one the partial bytes came from."""
+    """The remote file is not the one the partial bytes came from: they are discarded."""
 
 
-# Retried with backoff: the link or the server, not the request, is at fault.
-_TRANSIENT = (_Transient, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+# A body cut short: our own resume after it (urllib3's Retry covers statuses and connecting).
+_RESUMABLE = (_Dropped, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 @dataclass(frozen=True)
 class FetchSettings:
     retries: int = 5  # failed attempts in a row (with no byte gained) before giving up
-    backoff: float = 0.5  # seconds before the first retry, doubled for each further one
+    backoff: float = 0.5  # seconds between retries, doubled for each further one
     max_backoff: float = 30.0
     timeout: float = 30.0  # seconds to connect, and between two reads
     chunk_size: int = 1 << 16
@@ -108,44 +99,6 @@ class Fetched:
     rows: int
     bytes_moved: int  # bytes read from the source by this call (0: served from the cache)
     complete: bool  # the local file holds every row of the remote file
-
-
-# ---------------------------------------------------------------------------------------- names, places
-
-def category_names(path=CATEGORIES_FILE) -> list[str]:
-    """The official category names, one a line in `path`."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"category list not found: {path}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _normal(name: str) -> str:
-    return " ".join(re.sub(r"[_\-]", " ", name).lower().split())
-
-
-def resolve_categories(names: Iterable[str]) -> list[str]:
-    """Official names in the order given, repeats dropped; any unknown name -> UnknownCategoryError."""
-    if isinstance(names, str):
-        names = [names]
-    official = category_names()
-    by_normal = {_normal(n): n for n in official}
-    known, out, unknown = set(official), [], {}
-    for name in names:
-        if name in known:
-            if name not in out:
-                out.append(name)
-            continue
-        key = _normal(name)
-        close = [by_normal[key]] if key in by_normal else []
-        close += [by_normal[m] for m in difflib.get_close_matches(key, list(by_normal), n=3, cutoff=0.6)
-                  if by_normal[m] not in close]
-        unknown[name] = close[:3]
-    if unknown:
-        raise UnknownCategoryError(unknown)
-    return out
 
 
 def resolve_base_url(base_url: str | None = None) -> str:
@@ -181,51 +134,39 @@ def _source(base: str, folder: str, filename: str) -> str | Path:
 
 
 # ---------------------------------------------------------------------------------------- file formats
-# A format says how many bytes of the remote file N rows need and how to turn that prefix into the
-# local file; fetching, caching and resuming are shared (_fetch_one).
-
-def _npy_header(buf: bytes, what) -> tuple[int, int] | None:
-    """(header bytes, rows) of a (rows, 784) uint8 .npy from its first bytes; None if buf is too short."""
-    fmt = np.lib.format
-    if len(buf) < fmt.MAGIC_LEN:
-        return None
-    if not buf.startswith(fmt.MAGIC_PREFIX):
-        raise CorruptFileError(f"{what} is not a .npy file (it starts with {buf[:8]!r})")
-    width = 2 if buf[6] == 1 else 4  # header length field: 2 bytes in format 1.0, 4 after
-    if len(buf) < fmt.MAGIC_LEN + width:
-        return None
-    size = fmt.MAGIC_LEN + width + int.from_bytes(buf[fmt.MAGIC_LEN:fmt.MAGIC_LEN + width], "little")
-    if size > MAX_HEADER:
-        raise CorruptFileError(f"{what} declares a {size}-byte .npy header")
-    if len(buf) < size:
-        return None
-    f = io.BytesIO(buf[:size])
-    try:
-        major, _ = fmt.read_magic(f)
-        read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
-        shape, fortran, dtype = read(f, max_header_size=MAX_HEADER)
-    except ValueError as e:
-        raise CorruptFileError(f"{what} has a corrupt .npy header: {e}") from None
-    if dtype != np.uint8 or fortran or len(shape) != 2 or shape[1] != ROW_BYTES:
-        raise CorruptFileError(f"{what} holds {dtype} {shape} (fortran_order={fortran}); "
-                               f"expected uint8 (rows, {ROW_BYTES})")
-    return size, shape[0]
-
-
-def _read_head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(MAX_HEADER)
-
+# A format says how many bytes of the remote file N rows need, checks them, and turns that prefix into
+# the local file; fetching, caching and resuming are shared (_fetch_one).
 
 def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _count_lines(path: Path, stop: int | None = None, limit: int | None = None) -> tuple[int, int | None]:
-    """(lines seen, offset just past the stop-th newline or None) within the first `limit` bytes."""
+def _read_head(path: Path, n: int = MAX_HEADER) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _tail(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(max(0, _size(path) - n))
+        return f.read()
+
+
+def _npy_header(head: bytes, what):
+    try:
+        found = read_header(head, what, ROW_BYTES)
+    except NpyHeaderError as e:
+        raise CorruptFileError(str(e)) from None
+    if found is not None and found.fortran_order:
+        raise CorruptFileError(f"{what} is in Fortran order: its rows are not contiguous bytes")
+    return found
+
+
+def _count_lines(path: Path, stop: int | None = None) -> tuple[int, int | None]:
+    """(lines seen, offset just past the stop-th newline or None)."""
     lines, offset = 0, 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20 if limit is None else min(1 << 20, limit - offset)):
+        while chunk := f.read(1 << 20):
             found = chunk.count(b"\n")
             if stop is not None and lines + found >= stop:
                 cut = -1
@@ -248,7 +189,7 @@ class _Bitmap:
         found = _npy_header(_read_head(path), path)
         if found is None:
             raise CorruptFileError(f"{path} ends inside its .npy header")
-        return found[0]
+        return found.size
 
     @staticmethod
     def plan(part: Path, n: int | None, total: int | None, what) -> tuple[int | None, int | None]:
@@ -259,14 +200,21 @@ class _Bitmap:
                 raise CorruptFileError(f"{what} ends inside its .npy header ({total} bytes)")
             # One request usually brings the header and the rows; a longer header costs a second one.
             return None, None if n is None else GUESSED_HEADER + n * ROW_BYTES
-        size, rows = found
-        need = size + ROW_BYTES * (rows if n is None else min(n, rows))
+        whole = found.size + found.rows * ROW_BYTES
+        if total is not None and total != whole:
+            raise CorruptFileError(f"{what} ends at {total:,} bytes; its .npy header promises {whole:,} "
+                                   f"({found.rows:,} rows of {ROW_BYTES})")
+        need = found.size + ROW_BYTES * (found.rows if n is None else min(n, found.rows))
         return need, need
+
+    @staticmethod
+    def overlap(part: Path) -> int:
+        return min(_size(part), ROW_BYTES)
 
     @staticmethod
     def write(part: Path, need: int, out, what) -> int:
         with open(part, "rb") as src:
-            size, _ = _npy_header(src.read(MAX_HEADER), what)
+            size = _npy_header(src.read(MAX_HEADER), what).size
             rows = (need - size) // ROW_BYTES
             np.lib.format.write_array_header_1_0(
                 out, {"descr": "|u1", "fortran_order": False, "shape": (rows, ROW_BYTES)})
@@ -278,13 +226,11 @@ class _Bitmap:
     def rows(path: Path) -> int:
         """Rows of a valid local file; CorruptFileError naming it otherwise."""
         found = _npy_header(_read_head(path), path)
-        if found is None:
-            raise CorruptFileError(f"{path} ends inside its .npy header")
-        size, rows = found
-        if _size(path) != size + rows * ROW_BYTES:
-            raise CorruptFileError(f"{path} has {_size(path)} bytes; its header promises "
-                                   f"{size + rows * ROW_BYTES} ({rows} rows)")
-        return rows
+        if found is None or _size(path) != found.size + found.rows * ROW_BYTES:
+            raise CorruptFileError(f"{path} has {_size(path)} bytes; its .npy header "
+                                   + (f"promises {found.size + found.rows * ROW_BYTES} ({found.rows} rows)"
+                                      if found else "is incomplete"))
+        return found.rows
 
 
 @dataclass(frozen=True)
@@ -314,23 +260,34 @@ class _Strokes:
         return None, max(guess, have + (1 << 14))
 
     @staticmethod
-    def write(part: Path, need: int, out, what) -> int:
-        with open(part, "rb") as src:
-            _copy(src, out, need)
-        return _Strokes.rows_of(part, need)
+    def overlap(part: Path) -> int:
+        """The last line kept (or its start so far), at least 1 KiB of it where there is as much."""
+        tail = _tail(part, 1 << 16)
+        return max(len(tail) - tail.rfind(b"\n", 0, len(tail) - 1) - 1, min(len(tail), 1024))
 
     @staticmethod
-    def rows_of(path: Path, limit: int | None = None) -> int:
-        lines, _ = _count_lines(path, limit=limit)
-        size = _size(path) if limit is None else limit
-        if size:  # a last line without its newline still counts
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                lines += f.read(1) != b"\n"
-        return lines
+    def write(part: Path, need: int, out, what) -> int:
+        """Copy the first `need` bytes, each line checked to be a JSON object with a "drawing"."""
+        rows = 0
+        with open(part, "rb") as src:
+            while src.tell() < need:
+                line = src.readline(need - src.tell())
+                rows += 1
+                try:
+                    drawing = json.loads(line)
+                except ValueError:
+                    drawing = None
+                ok = isinstance(drawing, dict) and "drawing" in drawing
+                if not ok:
+                    kind = "an HTML page" if line.lstrip()[:1] == b"<" else "not a JSON drawing"
+                    raise CorruptFileError(f"{what}: line {rows} is {kind} (it starts with {line[:40]!r})")
+                out.write(line)
+        return rows
 
-    def rows(self, path: Path) -> int:
-        return self.rows_of(path)
+    @staticmethod
+    def rows(path: Path) -> int:
+        lines, _ = _count_lines(path)
+        return lines + (_size(path) > 0 and _tail(path, 1) != b"\n")  # a last line without its newline
 
 
 BITMAP = _Bitmap()
@@ -347,17 +304,19 @@ def _copy(src, dst, n: int) -> None:
         n -= len(chunk)
 
 
-def _append(part: Path, chunks: Iterable[bytes], skip: int, limit: int | None,
-            meter: Callable[[int], None]) -> int:
-    """Append chunks to part, dropping the first `skip` bytes and stopping after `limit`; bytes written."""
-    written = 0
+def _append(part: Path, chunks: Iterable[bytes], expect: bytes, limit: int | None,
+            meter: Callable[[int], None]) -> None:
+    """Append chunks to part after checking that they start with `expect` (not appended); at most `limit`."""
+    written, head = 0, b""
     with open(part, "ab") as f:
         try:
             for chunk in chunks:
                 meter(len(chunk))
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
+                if len(head) < len(expect):
+                    head, chunk = head + chunk[:len(expect) - len(head)], chunk[len(expect) - len(head):]
+                    if not expect.startswith(head):
+                        raise _Changed(f"the {len(expect)} bytes before offset {_size(part)} are not the "
+                                       f"cached ones")
                 if limit is not None:
                     chunk = chunk[:limit - written]
                 f.write(chunk)
@@ -367,15 +326,13 @@ def _append(part: Path, chunks: Iterable[bytes], skip: int, limit: int | None,
         finally:  # what arrived before a dropped connection is kept: the next request resumes after it
             f.flush()
             os.fsync(f.fileno())
-    return written
 
 
-def _content_range(header: str | None, what) -> tuple[int, int, int | None]:
+def _content_range(header: str | None, what) -> tuple[int | None, int | None, int | None]:
     m = re.fullmatch(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)", (header or "").strip())
     if not m:
         raise DownloadError(f"{what}: unreadable Content-Range {header!r}")
-    first, last, total = (None if g in (None, "*") else int(g) for g in m.groups())
-    return first, last, total
+    return tuple(None if g in (None, "*") else int(g) for g in m.groups())
 
 
 def _identity(size: int | None, etag: str | None = None, last_modified: str | None = None) -> dict:
@@ -383,75 +340,98 @@ def _identity(size: int | None, etag: str | None = None, last_modified: str | No
     return dict(zip(IDENTITY, (size, etag, last_modified)))
 
 
-def _if_range(tag: dict) -> str | None:
-    """The validator to make a ranged request conditional on: a strong ETag, else Last-Modified."""
+def _strong_etag(tag: dict) -> str | None:
     etag = tag.get("etag")
-    return etag if etag and not etag.startswith("W/") else tag.get("last_modified")
+    return etag if etag and not etag.startswith("W/") else None
 
 
-def _read_range(source: str | Path, start: int, end: int | None, part: Path, session: requests.Session,
-                settings: FetchSettings, meter: Callable[[int], None], check: Callable[[dict], None],
-                if_range: str | None = None) -> int | None:
-    """Append bytes [start, end) of source (end None: to its end) to part; returns the source's size if known.
+def _session(settings: FetchSettings) -> requests.Session:
+    """A session that retries connecting and answers with a retryable status, with growing waits."""
+    retry = Retry(total=settings.retries, backoff_factor=settings.backoff, backoff_max=settings.max_backoff,
+                  status_forcelist=RETRY_STATUS, allowed_methods=("GET",), raise_on_status=False)
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, HTTPAdapter(max_retries=retry))
+    return session
 
-    check(identity) sees the remote file's size and validators before any byte is appended; it raises to refuse."""
-    if isinstance(source, Path):
-        try:
-            f = open(source, "rb")
-        except FileNotFoundError:
-            raise DownloadError(f"not found: {source}") from None
-        with f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            check(_identity(size, last_modified=datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat()))
-            stop = size if end is None else min(end, size)
-            f.seek(start)
-            _append(part, iter(lambda: f.read(max(0, min(settings.chunk_size, stop - f.tell()))), b""), 0,
-                    None, meter)
-            return size
+
+def _read_local(path: Path, start: int, end: int | None, part: Path, settings: FetchSettings,
+                meter: Callable[[int], None], check: Callable[[dict], None], expect: bytes) -> int:
+    """Append bytes [start + len(expect), end) of a local file to part; returns its size."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DownloadError(f"not found: {path}") from None
+    with f:
+        st = os.fstat(f.fileno())
+        check(_identity(st.st_size, f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'))
+        stop = st.st_size if end is None else min(end, st.st_size)
+        f.seek(start)
+        _append(part, iter(lambda: f.read(max(0, min(settings.chunk_size, stop - f.tell()))), b""), expect,
+                None, meter)
+        return st.st_size
+
+
+def _read_http(url: str, start: int, end: int | None, part: Path, session: requests.Session,
+               settings: FetchSettings, meter: Callable[[int], None], check: Callable[[dict], None],
+               expect: bytes, if_range: str | None) -> int | None:
+    """Append bytes [start + len(expect), end) of url (end None: to its end) to part; its size if known.
+
+    check(identity) sees the remote file's size and validators before any byte is appended; it raises to
+    refuse. Only a 206 for exactly the range asked is appended; a whole file instead of a range means
+    the file changed or the server ignores ranges (_Changed: start again from byte 0)."""
     # identity: a byte range of a compressed transfer would not be a byte range of the file
     headers = {"Accept-Encoding": "identity"}
     if start or end is not None:
         headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if start and if_range:  # a changed file then comes whole (200) instead of as a range of the new bytes
             headers["If-Range"] = if_range
-    with session.get(source, headers=headers, stream=True, timeout=settings.timeout) as r:
+    try:
+        r = session.get(url, headers=headers, stream=True, timeout=settings.timeout)
+    except requests.RequestException as e:  # already retried by the session
+        raise DownloadError(f"{url}: giving up after {settings.retries + 1} failed attempts: {e}") from e
+    with r:
         validators = r.headers.get("ETag"), r.headers.get("Last-Modified")
         if r.status_code == 416:  # nothing at or after start: start is the size
-            total = _content_range(r.headers.get("Content-Range"), source)[2]
+            total = _content_range(r.headers.get("Content-Range"), url)[2]
             check(_identity(total, *validators))
             return total
-        if r.status_code in (408, 429) or r.status_code >= 500:
-            raise _Transient(f"HTTP {r.status_code} {r.reason}")
         if r.status_code == 404:
-            raise DownloadError(f"not found (HTTP 404): {source}")
+            raise DownloadError(f"not found (HTTP 404): {url}")
         if r.status_code not in (200, 206):
-            raise DownloadError(f"HTTP {r.status_code} {r.reason} for {source}")
-        if r.status_code == 206:
-            first, _, total = _content_range(r.headers.get("Content-Range"), source)
-            if first != start:
-                raise DownloadError(f"{source}: asked for bytes from {start}, was sent bytes from {first}")
-            skip = 0
-        else:  # Range ignored: the whole file comes; drop what part already holds, stop once we have enough
-            length = r.headers.get("Content-Length")
-            total, skip = (int(length) if length else None), start
+            tries = len(r.raw.retries.history) + 1 if r.raw.retries else 1
+            raise DownloadError(f"{url}: giving up after {tries} failed attempts: HTTP {r.status_code} {r.reason}"
+                                if r.status_code in RETRY_STATUS else f"HTTP {r.status_code} {r.reason} for {url}")
+        if r.headers.get("Content-Type", "").startswith("text/html"):
+            raise CorruptFileError(f"{url}: the server sent an HTML page (HTTP {r.status_code}), not the file")
+        length = r.headers.get("Content-Length")
+        if r.status_code == 200:
+            if start:
+                raise _Changed(f"a range from byte {start} was asked"
+                               f"{' if the file is still ' + if_range if if_range else ''}; the whole file came")
+            total = int(length) if length else None
+        else:
+            first, last, total = _content_range(r.headers.get("Content-Range"), url)
+            stop = total if end is None or total is None else min(end, total)
+            if first != start or (stop is not None and last != stop - 1) or \
+                    (length is not None and last is not None and int(length) != last - first + 1):
+                raise DownloadError(f"{url}: asked for bytes {start}-{'' if stop is None else stop - 1}, was "
+                                    f"sent {r.headers.get('Content-Range')} ({length} bytes)")
         check(_identity(total, *validators))
-        written = _append(part, r.iter_content(settings.chunk_size), skip,
-                          None if end is None else end - start, meter)
-        if total is None and end is None:  # read to the end without error: now the size is known
-            total = start + written
-        return total
+        _append(part, r.iter_content(settings.chunk_size), expect, None if end is None else end - start - len(expect),
+                meter)
+        return total if total is not None or end is not None else _size(part)  # read to its end: its size
 
 
-def _fetch_prefix(fmt, source, out: Path, part: Path, n: int | None, settings: FetchSettings,
+def _fetch_prefix(fmt, source, part: Path, n: int | None, settings: FetchSettings,
                   meter: Callable[[int], None]) -> tuple[int, dict]:
     """Grow part (the remote file's first bytes) until it holds n rows; returns (bytes needed, part's tag).
 
     The tag beside part names the remote file its bytes came from; a response from any other file
-    discards them (and the cached rows) and starts again from byte 0."""
+    discards them and starts again from byte 0."""
     tag = _read_json(_tag(part))
     if part.exists() and _size(part) and _origin(tag) != str(source):
-        _start_over(out, part, f"{part} holds bytes from {_origin(tag)}, not from {source}")
+        _discard(part, f"{part} holds bytes from {_origin(tag)}, not from {source}")
     part.touch()
 
     def check(identity: dict) -> None:
@@ -469,7 +449,7 @@ def _fetch_prefix(fmt, source, out: Path, part: Path, n: int | None, settings: F
 
     total = tag.get("remote_bytes") if tag and _size(part) else None
     failures, changes = 0, 0
-    with requests.Session() as session:
+    with _session(settings) as session:
         while True:
             have = _size(part)
             if total is not None and have > total:
@@ -483,29 +463,37 @@ def _fetch_prefix(fmt, source, out: Path, part: Path, n: int | None, settings: F
                 raise CorruptFileError(f"{source} ends at {total} bytes, {need} are needed")
             if total is not None and target is not None:
                 target = min(target, total)
+            # No strong validator to make the resume conditional on: re-read the last row and compare.
+            expect = _tail(part, fmt.overlap(part)) if have and not _strong_etag(tag) else b""
+            if_range = (_strong_etag(tag) or tag.get("last_modified")) if have else None
             try:
-                total = _read_range(source, have, target, part, session, settings, meter, check,
-                                    _if_range(tag) if have else None) or total
+                if isinstance(source, Path):
+                    total = _read_local(source, have - len(expect), target, part, settings, meter, check, expect)
+                else:
+                    total = _read_http(source, have - len(expect), target, part, session, settings, meter, check,
+                                       expect, if_range) or total
                 if total is not None and tag.get("remote_bytes") is None:  # learnt by reading to the end
                     check(_identity(total))
                 if _size(part) == have and (total is None or have < total):
-                    raise _Transient("the response brought no data")
+                    raise _Dropped("the response brought no data")
                 failures = 0
             except _Changed as e:
                 changes += 1
                 if changes > MAX_CHANGES:
                     raise DownloadError(f"{source} changed {changes} times while being fetched ({e})") from None
-                _start_over(out, part, f"{source} is not the remote file cached from it ({e})")
+                _discard(part, f"{source} is not the remote file cached from it ({e})")
                 tag, total = None, None
                 part.touch()
-            except _TRANSIENT as e:
+            except _RESUMABLE as e:
                 failures = 0 if _size(part) > have else failures + 1
                 if failures > settings.retries:
                     raise DownloadError(f"{source}: giving up after {failures} failed attempts: {e}") from e
                 delay = min(settings.backoff * 2 ** (failures - 1), settings.max_backoff) if failures else 0.0
-                log.info("%s: %s; retrying in %.1f s", source, e, delay)
+                log.info("%s: %s; resuming in %.1f s", source, e, delay)
                 time.sleep(delay)
 
+
+# ---------------------------------------------------------------------------------------- cache
 
 def _sidecar(out: Path) -> Path:
     return out.with_name(out.name + ".json")
@@ -527,39 +515,15 @@ def _origin(meta: dict | None) -> str:
     return (meta or {}).get("source") or "an unrecorded source"
 
 
-def _start_over(out: Path, part: Path, reason: str) -> None:
-    """Drop a file's cached rows and partial bytes: they are not from the remote file now asked for."""
+def _discard(part: Path, reason: str) -> None:
+    """Drop partial bytes that are not from the remote file now asked for (the cached file is replaced
+    only once new rows are complete)."""
     log.warning("%s; discarding the cached bytes and fetching from the start", reason)
-    # Each voucher goes before what it vouches for, so an interruption leaves nothing wrongly trusted.
-    for path in (_tag(part), part, out, _sidecar(out)):
+    for path in (_tag(part), part):  # the voucher first: an interruption leaves nothing wrongly trusted
         path.unlink(missing_ok=True)
 
 
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold <out>.lock exclusively: one fetch of a file at a time, across threads and processes."""
-    path = out.with_name(out.name + ".lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s is being fetched by another download; waiting for it", out)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:  # the holder before us removes the file: a lock on the removed one guards nothing
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still held (see above)
-        os.close(fd)
-
-
-def _cached_rows(fmt, out: Path, meta: dict | None) -> int | None:
+def _cached_rows(fmt, out: Path, meta: dict) -> int | None:
     """Rows of a valid cached file, or None (a corrupt one is deleted so nothing loads it)."""
     if not out.exists():
         return None
@@ -594,8 +558,16 @@ def _fetch_one(fmt, name: str, root, n: int | None, base: str, settings: FetchSe
                meter: Callable[[int], None]) -> Fetched:
     out = fmt.local_path(root, name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    lock = FileLock(out.with_name(out.name + ".lock"))  # one fetch of a file at a time, across processes
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log.info("%s is being fetched by another download; waiting for it", out)
+        lock.acquire()
+    try:
         got = _fetch_locked(fmt, out, n, _source(base, fmt.folder, name + fmt.suffix), settings, meter)
+    finally:
+        lock.release()
     if n is not None and got.rows < n:
         log.warning("%s: %d rows available, %d asked (the source file holds no more)", name, got.rows, n)
     return got
@@ -604,11 +576,12 @@ def _fetch_one(fmt, name: str, root, n: int | None, base: str, settings: FetchSe
 def _fetch_locked(fmt, out: Path, n: int | None, source, settings: FetchSettings,
                   meter: Callable[[int], None]) -> Fetched:
     part, sidecar = out.with_name(out.name + ".part"), _sidecar(out)
-    meta = _read_json(sidecar)
+    meta, rows = _read_json(sidecar), None
     if out.exists() and _origin(meta) != str(source):
-        _start_over(out, part, f"{out} was fetched from {_origin(meta)}, not from {source}")
-        meta = None
-    rows = _cached_rows(fmt, out, meta)
+        log.warning("%s was fetched from %s, not from %s; discarding the cached bytes and fetching from the "
+                    "start", out, _origin(meta), source)
+    else:
+        rows = _cached_rows(fmt, out, meta)
     if rows is not None:
         complete = bool(meta.get("complete"))
         if complete or (n is not None and rows >= n):
@@ -622,24 +595,24 @@ def _fetch_locked(fmt, out: Path, n: int | None, source, settings: FetchSettings
         meter(k)
 
     try:
-        need, tag = _fetch_prefix(fmt, source, out, part, n, settings, count)
+        need, tag = _fetch_prefix(fmt, source, part, n, settings, count)
+        total = tag.get("remote_bytes")
+        with atomic_write(out) as f:  # the sidecar lands first: a file without a matching one is never trusted
+            rows = fmt.write(part, need, f, source)
+            meta = {"source": str(source), "rows": rows, "bytes": f.tell(),
+                    "complete": total is not None and need >= total, **{k: tag.get(k) for k in IDENTITY},
+                    "remote_head": _read_head(part)[:fmt.head_size(part)].hex()}
+            f.flush()
+            write_json(sidecar, meta)
     except CorruptFileError:
         for path in (_tag(part), part):  # whatever was wrong with these bytes, the next run starts afresh
             path.unlink(missing_ok=True)
         raise
-    total = tag.get("remote_bytes")
-    complete = total is not None and need >= total
-    with atomic_write(out) as f:  # the sidecar lands first: a file without a matching one is never trusted
-        rows = fmt.write(part, need, f, source)
-        meta = {"source": str(source), "rows": rows, "bytes": f.tell(), "complete": complete,
-                **{k: tag.get(k) for k in IDENTITY}, "remote_head": _read_head(part)[:fmt.head_size(part)].hex()}
-        f.flush()
-        write_json(sidecar, meta)
     if fmt.rows(out) != rows or _size(out) != meta["bytes"]:
         raise CorruptFileError(f"{out} does not read back as the {rows} rows just written")
     _tag(part).unlink()
     part.unlink()
-    return Fetched(out, rows, moved, complete)
+    return Fetched(out, rows, moved, meta["complete"])
 
 
 def _download(fmt, categories, root, max_per_class, base_url, workers, progress, settings,
