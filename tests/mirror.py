@@ -9,6 +9,7 @@ demand (see Faults).
 from __future__ import annotations
 
 import email.utils
+import io
 import re
 import socket
 import threading
@@ -39,6 +40,12 @@ class Faults:
     delay: float = 0.0  # seconds slept before each chunk of a body: a slow link
     validators: bool = True  # send ETag and Last-Modified (and honour If-Range); off, as some servers are
     chunk: int = 1 << 16
+    # A 200 HTML error page without validators, as some proxies send: "if-range" to requests carrying
+    # If-Range (resumes), "always" to every GET.
+    html: str | None = None
+    # Serve every file as a new version of the same size (a .npy's rows, or lines, in reverse order),
+    # with its own validators where validators are sent: a file replaced between two runs.
+    new_version: bool = False
 
 
 @dataclass
@@ -62,6 +69,7 @@ class MirrorServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests: list[Request] = []
         self.bytes_sent = 0
+        self._versions: dict[Path, bytes] = {}
 
     @property
     def url(self) -> str:
@@ -75,6 +83,13 @@ class MirrorServer(ThreadingHTTPServer):
     def next_fault(self) -> int | str | None:
         with self.lock:
             return self.faults.script.pop(0) if self.faults.script else None
+
+    def new_version(self, path: Path) -> bytes:
+        """The same-size new version of a file that Faults.new_version serves."""
+        with self.lock:
+            if path not in self._versions:
+                self._versions[path] = reverse_rows(path)
+            return self._versions[path]
 
     def count(self, record: Request, n: int) -> None:
         with self.lock:
@@ -125,11 +140,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._empty(record, fault)
             if not path.is_relative_to(srv.directory) or not path.is_file():
                 return self._empty(record, 404)
+            if body and (faults.html == "always" or (faults.html == "if-range" and record.if_range)):
+                return self._empty(record, 200, {"Content-Type": "text/html; charset=utf-8"}, HTML_PAGE)
             stat = path.stat()
-            size = stat.st_size
+            data = srv.new_version(path) if faults.new_version else None
+            size, version = stat.st_size, int(faults.new_version)
             # Both change when the file is replaced; the ETag also within the second Last-Modified names.
-            validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}"',
-                          "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True)}
+            validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}-{version}"',
+                          "Last-Modified": email.utils.formatdate(stat.st_mtime + version, usegmt=True)}
             if not faults.validators:
                 validators = {}
             start, end, record.status = 0, size, 200
@@ -152,43 +170,46 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
             if body:
-                self._send_body(path, start, end, record, cut=faults.drop_after if fault == "drop" else None)
+                with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
+                    self._send_body(f, start, end, record, cut=faults.drop_after if fault == "drop" else None)
         finally:
             with srv.lock:
                 srv.requests.append(record)
 
-    def _empty(self, record: Request, status: int, headers: dict | None = None) -> None:
+    def _empty(self, record: Request, status: int, headers: dict | None = None, page: bytes = b"") -> None:
         record.status = status
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Length", str(len(page)))
         self.end_headers()
+        if page and self.command == "GET":
+            self.wfile.write(page)
+            self.server.count(record, len(page))
 
-    def _send_body(self, path: Path, start: int, end: int, record: Request, cut: int | None) -> None:
+    def _send_body(self, f, start: int, end: int, record: Request, cut: int | None) -> None:
         srv, faults = self.server, self.server.faults
-        with open(path, "rb") as f:
-            f.seek(start)
-            while start < end:
-                step = min(faults.chunk, end - start) if cut is None else min(faults.chunk, end - start,
-                                                                               cut - record.sent)
-                if faults.delay:
-                    time.sleep(faults.delay)
-                data = f.read(step)
-                try:
-                    self.wfile.write(data)
-                except OSError:  # the client hung up (it had what it wanted, or it was killed)
-                    self.close_connection = True
-                    return
-                srv.count(record, len(data))
-                start += len(data)
-                if cut is not None and record.sent >= cut:
-                    self.close_connection = True
-                    try:  # the client sees its body end early
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    return
+        f.seek(start)
+        while start < end:
+            step = min(faults.chunk, end - start) if cut is None else min(faults.chunk, end - start,
+                                                                           cut - record.sent)
+            if faults.delay:
+                time.sleep(faults.delay)
+            data = f.read(step)
+            try:
+                self.wfile.write(data)
+            except OSError:  # the client hung up (it had what it wanted, or it was killed)
+                self.close_connection = True
+                return
+            srv.count(record, len(data))
+            start += len(data)
+            if cut is not None and record.sent >= cut:
+                self.close_connection = True
+                try:  # the client sees its body end early
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
 
 
 def header_size(path: Path) -> int:
@@ -197,6 +218,20 @@ def header_size(path: Path) -> int:
         version = np.lib.format.read_magic(f)
         (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
         return f.tell()
+
+
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title></head>\n"
+             b"<body><h1>Service Unavailable</h1><p>Please try again later.</p></body></html>\n")
+
+
+def reverse_rows(path: Path) -> bytes:
+    """A file's bytes with its rows (.npy) or lines (other files) in reverse order: same size, same format."""
+    data = path.read_bytes()
+    if path.suffix == ".npy":
+        head, rows = header_size(path), np.load(path, mmap_mode="r").shape[0]
+        return data[:head] + np.frombuffer(data, np.uint8, offset=head).reshape(rows, -1)[::-1].tobytes()
+    end = b"\n" if data.endswith(b"\n") else b""
+    return b"\n".join(data[:len(data) - len(end)].split(b"\n")[::-1]) + end
 
 
 @contextmanager

@@ -402,13 +402,13 @@ def _read_http(url: str, start: int, end: int | None, part: Path, session: reque
             tries = len(r.raw.retries.history) + 1 if r.raw.retries else 1
             raise DownloadError(f"{url}: giving up after {tries} failed attempts: HTTP {r.status_code} {r.reason}"
                                 if r.status_code in RETRY_STATUS else f"HTTP {r.status_code} {r.reason} for {url}")
+        if r.status_code == 200 and start:
+            raise _Changed(f"a range from byte {start} was asked"
+                           f"{' if the file is still ' + if_range if if_range else ''}; a whole file came")
         if r.headers.get("Content-Type", "").startswith("text/html"):
             raise CorruptFileError(f"{url}: the server sent an HTML page (HTTP {r.status_code}), not the file")
         length = r.headers.get("Content-Length")
         if r.status_code == 200:
-            if start:
-                raise _Changed(f"a range from byte {start} was asked"
-                               f"{' if the file is still ' + if_range if if_range else ''}; the whole file came")
             total = int(length) if length else None
         else:
             first, last, total = _content_range(r.headers.get("Content-Range"), url)
