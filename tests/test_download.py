@@ -461,8 +461,8 @@ def test_strokes_line_that_is_not_a_drawing_is_a_clear_error(tmp_path):
 def test_same_size_change_between_two_runs_is_fetched_afresh(tmp_path, caplog, kind, cached, validators):
     base, root = tmp_path / "remote", tmp_path / "data"
     if kind == "bitmap":
-        path, arr = base / "full/numpy_bitmap/cat.npy", None
-        arr = write_npy(path, 300)
+        path = base / "full/numpy_bitmap/cat.npy"
+        write_npy(path, 300)
         get = lambda n: fetch(mirror.url, root, n, settings=settings)  # noqa: E731
         read = lambda: local(root)  # noqa: E731
     else:
