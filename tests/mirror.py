@@ -12,6 +12,7 @@ import email.utils
 import io
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -84,6 +85,11 @@ class MirrorServer(ThreadingHTTPServer):
         with self.lock:
             return self.faults.script.pop(0) if self.faults.script else None
 
+    def handle_error(self, request, client_address) -> None:
+        """A client hanging up between requests (it closed a response it did not need) is not an error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def new_version(self, path: Path) -> bytes:
         """The same-size new version of a file that Faults.new_version serves."""
         with self.lock:
@@ -134,58 +140,63 @@ class _Handler(BaseHTTPRequestHandler):
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
         path = (srv.directory / rel).resolve()
         record = Request(self.command, rel, self.headers.get("Range"), self.headers.get("If-Range"))
-        try:
-            fault = srv.next_fault() if body else None
-            if isinstance(fault, int):
-                return self._empty(record, fault)
-            if not path.is_relative_to(srv.directory) or not path.is_file():
-                return self._empty(record, 404)
-            if body and (faults.html == "always" or (faults.html == "if-range" and record.if_range)):
-                return self._empty(record, 200, {"Content-Type": "text/html; charset=utf-8"}, HTML_PAGE)
-            stat = path.stat()
-            data = srv.new_version(path) if faults.new_version else None
-            size, version = stat.st_size, int(faults.new_version)
-            # Both change when the file is replaced; the ETag also within the second Last-Modified names.
-            validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}-{version}"',
-                          "Last-Modified": email.utils.formatdate(stat.st_mtime + version, usegmt=True)}
-            if not faults.validators:
-                validators = {}
-            start, end, record.status = 0, size, 200
-            # If-Range naming another version of the file: the whole (new) file, not a range of it
-            current = record.if_range is None or record.if_range in validators.values()
-            if record.range and not faults.ignore_range and current:
-                try:
-                    span = _parse_range(record.range, size)
-                except _Unsatisfiable:
-                    return self._empty(record, 416, {"Content-Range": f"bytes */{size}"})
-                if span:
-                    (start, end), record.status = span, 206
-            self.send_response(record.status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(end - start))
-            for key, value in validators.items():
-                self.send_header(key, value)
-            if record.status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-            self.end_headers()
-            if body:
-                with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
-                    self._send_body(f, start, end, record, cut=faults.drop_after if fault == "drop" else None)
-        finally:
-            with srv.lock:
-                srv.requests.append(record)
+        with srv.lock:  # in the order the requests arrive
+            srv.requests.append(record)
+        fault = srv.next_fault() if body else None
+        if isinstance(fault, int):
+            return self._empty(record, fault)
+        if not path.is_relative_to(srv.directory) or not path.is_file():
+            return self._empty(record, 404)
+        if body and (faults.html == "always" or (faults.html == "if-range" and record.if_range)):
+            return self._page(record)
+        stat = path.stat()
+        data = srv.new_version(path) if faults.new_version else None
+        size, version = stat.st_size, int(faults.new_version)
+        # Both change when the file is replaced; the ETag also within the second Last-Modified names.
+        validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}-{version}"',
+                      "Last-Modified": email.utils.formatdate(stat.st_mtime + version, usegmt=True)}
+        if not faults.validators:
+            validators = {}
+        start, end, record.status = 0, size, 200
+        # If-Range naming another version of the file: the whole (new) file, not a range of it
+        current = record.if_range is None or record.if_range in validators.values()
+        if record.range and not faults.ignore_range and current:
+            try:
+                span = _parse_range(record.range, size)
+            except _Unsatisfiable:
+                return self._empty(record, 416, {"Content-Range": f"bytes */{size}"})
+            if span:
+                (start, end), record.status = span, 206
+        self.send_response(record.status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        for key, value in validators.items():
+            self.send_header(key, value)
+        if record.status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if body:
+            with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
+                self._send_body(f, start, end, record, cut=faults.drop_after if fault == "drop" else None)
 
-    def _empty(self, record: Request, status: int, headers: dict | None = None, page: bytes = b"") -> None:
+    def _empty(self, record: Request, status: int, headers: dict | None = None) -> None:
         record.status = status
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(page)))
+        self.send_header("Content-Length", "0")
         self.end_headers()
-        if page and self.command == "GET":
-            self.wfile.write(page)
-            self.server.count(record, len(page))
+
+    def _page(self, record: Request) -> None:
+        """HTML_PAGE with 200, no validators and no length: its body ends when the connection closes."""
+        record.status, self.close_connection = 200, True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(HTML_PAGE)
+        self.server.count(record, len(HTML_PAGE))
 
     def _send_body(self, f, start: int, end: int, record: Request, cut: int | None) -> None:
         srv, faults = self.server, self.server.faults
@@ -220,8 +231,10 @@ def header_size(path: Path) -> int:
         return f.tell()
 
 
-HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title></head>\n"
-             b"<body><h1>Service Unavailable</h1><p>Please try again later.</p></body></html>\n")
+# An error page as proxies send them, inline styles and scripts making it longer than a resume offset.
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title>\n<style>\n"
+             + b"body { font-family: sans-serif; margin: 2em; }\n" * 4096
+             + b"</style></head>\n<body><h1>Service Unavailable</h1><p>Please try again later.</p></body></html>\n")
 
 
 def reverse_rows(path: Path) -> bytes:
