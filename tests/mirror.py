@@ -24,7 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
+from utils.npy import read_file_header
+
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared" / "quickdraw"
+ROW_BYTES = 28 * 28
 
 
 @dataclass
@@ -224,11 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def header_size(path: Path) -> int:
-    """Bytes of a .npy file's header, by numpy's own reader (mirror files' headers vary in length)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-        return f.tell()
+    """Bytes of a bitmap .npy file's header (mirror files' headers vary in length)."""
+    return read_file_header(path, ROW_BYTES).size
 
 
 # An error page as proxies send them, inline styles and scripts making it longer than a resume offset.
@@ -241,8 +241,8 @@ def reverse_rows(path: Path) -> bytes:
     """A file's bytes with its rows (.npy) or lines (other files) in reverse order: same size, same format."""
     data = path.read_bytes()
     if path.suffix == ".npy":
-        head, rows = header_size(path), np.load(path, mmap_mode="r").shape[0]
-        return data[:head] + np.frombuffer(data, np.uint8, offset=head).reshape(rows, -1)[::-1].tobytes()
+        head = header_size(path)
+        return data[:head] + np.frombuffer(data, np.uint8, offset=head).reshape(-1, ROW_BYTES)[::-1].tobytes()
     end = b"\n" if data.endswith(b"\n") else b""
     return b"\n".join(data[:len(data) - len(end)].split(b"\n")[::-1]) + end
 
