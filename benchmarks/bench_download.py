@@ -45,6 +45,7 @@ MODES = {
     "bodies dropped mid-way": (Faults(script=["drop"], drop_after=CUT), Faults(script=["drop"] * 2, drop_after=CUT)),
     "Range ignored (200, whole file)": (Faults(ignore_range=True), Faults(ignore_range=True)),
     "no validators": (Faults(validators=False), Faults(validators=False)),
+    "206 for another range than the one asked": (Faults(), Faults(misrange=True)),
     "200 HTML page to resumes": (Faults(), Faults(html="if-range")),
     "dropped, then 200 HTML page to the resume": (Faults(script=["drop"] * 3 + [503] * 100, drop_after=CUT),
                                                    Faults(html="if-range")),

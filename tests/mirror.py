@@ -50,6 +50,7 @@ class Faults:
     # Serve every file as a new version of the same size (a .npy's rows, or lines, in reverse order),
     # with its own validators where validators are sent: a file replaced between two runs.
     new_version: bool = False
+    misrange: bool = False  # answer a range with the one starting a byte later (and its true Content-Range)
 
 
 @dataclass
@@ -170,6 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._empty(record, 416, {"Content-Range": f"bytes */{size}"})
             if span:
                 (start, end), record.status = span, 206
+                start = min(start + int(faults.misrange), end - 1)
         self.send_response(record.status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")

@@ -146,6 +146,18 @@ def test_failed_growth_keeps_the_cached_file_intact(remote, tmp_path):
     np.testing.assert_array_equal(local(root), arr[:250])
 
 
+def test_range_other_than_the_one_asked_is_a_clear_error(remote, tmp_path):
+    base, arr = remote
+    root = tmp_path / "data"
+    with serve(base) as mirror:
+        fetch(mirror.url, root, 10)
+        mirror.faults = Faults(misrange=True)
+        with pytest.raises(DownloadError, match=rf"cat\.npy: asked for bytes {128 + 10 * ROW}-.*was sent bytes "
+                                                rf"{128 + 10 * ROW + 1}-"):
+            fetch(mirror.url, root, 60)
+    np.testing.assert_array_equal(local(root), arr[:10])  # the cached rows are kept
+
+
 def test_500_then_200_is_retried(remote, tmp_path):
     base, arr = remote
     with serve(base, Faults(script=[500, 500])) as mirror:
