@@ -9,8 +9,10 @@ demand (see Faults).
 from __future__ import annotations
 
 import email.utils
+import io
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -22,7 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
+from utils.npy import read_file_header
+
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared" / "quickdraw"
+ROW_BYTES = 28 * 28
 
 
 @dataclass
@@ -39,6 +44,13 @@ class Faults:
     delay: float = 0.0  # seconds slept before each chunk of a body: a slow link
     validators: bool = True  # send ETag and Last-Modified (and honour If-Range); off, as some servers are
     chunk: int = 1 << 16
+    # A 200 HTML error page without validators, as some proxies send: "if-range" to requests carrying
+    # If-Range (resumes), "always" to every GET.
+    html: str | None = None
+    # Serve every file as a new version of the same size (a .npy's rows, or lines, in reverse order),
+    # with its own validators where validators are sent: a file replaced between two runs.
+    new_version: bool = False
+    misrange: bool = False  # answer a range with the one starting a byte later (and its true Content-Range)
 
 
 @dataclass
@@ -62,6 +74,7 @@ class MirrorServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests: list[Request] = []
         self.bytes_sent = 0
+        self._versions: dict[Path, bytes] = {}
 
     @property
     def url(self) -> str:
@@ -75,6 +88,18 @@ class MirrorServer(ThreadingHTTPServer):
     def next_fault(self) -> int | str | None:
         with self.lock:
             return self.faults.script.pop(0) if self.faults.script else None
+
+    def handle_error(self, request, client_address) -> None:
+        """A client hanging up between requests (it closed a response it did not need) is not an error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+    def new_version(self, path: Path) -> bytes:
+        """The same-size new version of a file that Faults.new_version serves."""
+        with self.lock:
+            if path not in self._versions:
+                self._versions[path] = reverse_rows(path)
+            return self._versions[path]
 
     def count(self, record: Request, n: int) -> None:
         with self.lock:
@@ -119,43 +144,46 @@ class _Handler(BaseHTTPRequestHandler):
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
         path = (srv.directory / rel).resolve()
         record = Request(self.command, rel, self.headers.get("Range"), self.headers.get("If-Range"))
-        try:
-            fault = srv.next_fault() if body else None
-            if isinstance(fault, int):
-                return self._empty(record, fault)
-            if not path.is_relative_to(srv.directory) or not path.is_file():
-                return self._empty(record, 404)
-            stat = path.stat()
-            size = stat.st_size
-            # Both change when the file is replaced; the ETag also within the second Last-Modified names.
-            validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}"',
-                          "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True)}
-            if not faults.validators:
-                validators = {}
-            start, end, record.status = 0, size, 200
-            # If-Range naming another version of the file: the whole (new) file, not a range of it
-            current = record.if_range is None or record.if_range in validators.values()
-            if record.range and not faults.ignore_range and current:
-                try:
-                    span = _parse_range(record.range, size)
-                except _Unsatisfiable:
-                    return self._empty(record, 416, {"Content-Range": f"bytes */{size}"})
-                if span:
-                    (start, end), record.status = span, 206
-            self.send_response(record.status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(end - start))
-            for key, value in validators.items():
-                self.send_header(key, value)
-            if record.status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-            self.end_headers()
-            if body:
-                self._send_body(path, start, end, record, cut=faults.drop_after if fault == "drop" else None)
-        finally:
-            with srv.lock:
-                srv.requests.append(record)
+        with srv.lock:  # in the order the requests arrive
+            srv.requests.append(record)
+        fault = srv.next_fault() if body else None
+        if isinstance(fault, int):
+            return self._empty(record, fault)
+        if not path.is_relative_to(srv.directory) or not path.is_file():
+            return self._empty(record, 404)
+        if body and (faults.html == "always" or (faults.html == "if-range" and record.if_range)):
+            return self._page(record)
+        stat = path.stat()
+        data = srv.new_version(path) if faults.new_version else None
+        size, version = stat.st_size, int(faults.new_version)
+        # Both change when the file is replaced; the ETag also within the second Last-Modified names.
+        validators = {"ETag": f'"{stat.st_mtime_ns:x}-{size:x}-{version}"',
+                      "Last-Modified": email.utils.formatdate(stat.st_mtime + version, usegmt=True)}
+        if not faults.validators:
+            validators = {}
+        start, end, record.status = 0, size, 200
+        # If-Range naming another version of the file: the whole (new) file, not a range of it
+        current = record.if_range is None or record.if_range in validators.values()
+        if record.range and not faults.ignore_range and current:
+            try:
+                span = _parse_range(record.range, size)
+            except _Unsatisfiable:
+                return self._empty(record, 416, {"Content-Range": f"bytes */{size}"})
+            if span:
+                (start, end), record.status = span, 206
+                start = min(start + int(faults.misrange), end - 1)
+        self.send_response(record.status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        for key, value in validators.items():
+            self.send_header(key, value)
+        if record.status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if body:
+            with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
+                self._send_body(f, start, end, record, cut=faults.drop_after if fault == "drop" else None)
 
     def _empty(self, record: Request, status: int, headers: dict | None = None) -> None:
         record.status = status
@@ -165,38 +193,60 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _send_body(self, path: Path, start: int, end: int, record: Request, cut: int | None) -> None:
+    def _page(self, record: Request) -> None:
+        """HTML_PAGE with 200, no validators and no length: its body ends when the connection closes."""
+        record.status, self.close_connection = 200, True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(HTML_PAGE)
+        self.server.count(record, len(HTML_PAGE))
+
+    def _send_body(self, f, start: int, end: int, record: Request, cut: int | None) -> None:
         srv, faults = self.server, self.server.faults
-        with open(path, "rb") as f:
-            f.seek(start)
-            while start < end:
-                step = min(faults.chunk, end - start) if cut is None else min(faults.chunk, end - start,
-                                                                               cut - record.sent)
-                if faults.delay:
-                    time.sleep(faults.delay)
-                data = f.read(step)
-                try:
-                    self.wfile.write(data)
-                except OSError:  # the client hung up (it had what it wanted, or it was killed)
-                    self.close_connection = True
-                    return
-                srv.count(record, len(data))
-                start += len(data)
-                if cut is not None and record.sent >= cut:
-                    self.close_connection = True
-                    try:  # the client sees its body end early
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    return
+        f.seek(start)
+        while start < end:
+            step = min(faults.chunk, end - start) if cut is None else min(faults.chunk, end - start,
+                                                                           cut - record.sent)
+            if faults.delay:
+                time.sleep(faults.delay)
+            data = f.read(step)
+            try:
+                self.wfile.write(data)
+            except OSError:  # the client hung up (it had what it wanted, or it was killed)
+                self.close_connection = True
+                return
+            srv.count(record, len(data))
+            start += len(data)
+            if cut is not None and record.sent >= cut:
+                self.close_connection = True
+                try:  # the client sees its body end early
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
 
 
 def header_size(path: Path) -> int:
-    """Bytes of a .npy file's header, by numpy's own reader (mirror files' headers vary in length)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-        return f.tell()
+    """Bytes of a bitmap .npy file's header (mirror files' headers vary in length)."""
+    return read_file_header(path, ROW_BYTES).size
+
+
+# An error page as proxies send them, inline styles and scripts making it longer than a resume offset.
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title>\n<style>\n"
+             + b"body { font-family: sans-serif; margin: 2em; }\n" * 4096
+             + b"</style></head>\n<body><h1>Service Unavailable</h1><p>Please try again later.</p></body></html>\n")
+
+
+def reverse_rows(path: Path) -> bytes:
+    """A file's bytes with its rows (.npy) or lines (other files) in reverse order: same size, same format."""
+    data = path.read_bytes()
+    if path.suffix == ".npy":
+        head = header_size(path)
+        return data[:head] + np.frombuffer(data, np.uint8, offset=head).reshape(-1, ROW_BYTES)[::-1].tobytes()
+    end = b"\n" if data.endswith(b"\n") else b""
+    return b"\n".join(data[:len(data) - len(end)].split(b"\n")[::-1]) + end
 
 
 @contextmanager

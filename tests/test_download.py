@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.mirror import Faults, header_size, serve
+from tests.mirror import HTML_PAGE, Faults, header_size, reverse_rows, serve
+from utils.categories import UnknownCategoryError, resolve_categories
 from utils.download import (BASE_URL_ENV, DEFAULT_BASE_URL, GUESSED_HEADER, DownloadError, FetchSettings,
-                            UnknownCategoryError, download_bitmaps, download_strokes, main, resolve_base_url,
-                            resolve_categories)
+                            download_bitmaps, download_strokes, main, resolve_base_url)
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROW = 784
@@ -40,6 +40,11 @@ def fetch(url, root, n, names=("cat",), settings=FAST, **kw) -> dict:
     download_bitmaps(names, root=root, max_per_class=n, base_url=url, progress=False, settings=settings,
                      stats=stats, **kw)
     return stats
+
+
+def listing(folder: Path) -> list[str]:
+    """The files a download leaves, less its lock file (kept: removing it could let two fetches in at once)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 def local(root, name="cat") -> np.ndarray:
@@ -88,10 +93,12 @@ def test_server_ignoring_range_is_cut_after_the_bytes_needed(remote, tmp_path):
     with serve(base, Faults(ignore_range=True)) as mirror:
         first = fetch(mirror.url, tmp_path / "data", 10)["cat"]
         np.testing.assert_array_equal(local(tmp_path / "data"), arr[:10])
-        fetch(mirror.url, tmp_path / "data", 25)  # growing: the whole-file answer is skipped up to the cache
+        # Growing: a whole file where a range was asked is never appended at an offset: the file is read
+        # again from byte 0 (the refused answer's body is not read).
+        grown = fetch(mirror.url, tmp_path / "data", 25)["cat"]
     np.testing.assert_array_equal(local(tmp_path / "data"), arr[:25])
     assert {r.status for r in mirror.requests} == {200}
-    assert first.bytes_moved < arr.nbytes // 4
+    assert first.bytes_moved == grown.bytes_moved < arr.nbytes // 4  # each: one chunk from byte 0
 
 
 def test_dropped_connection_resumes_where_it_stopped(remote, tmp_path):
@@ -112,15 +119,15 @@ def test_interrupted_run_leaves_no_final_file_and_the_next_run_resumes(remote, t
     with serve(base, Faults(script=["drop"] + [500] * 9, drop_after=cut)) as mirror:
         with pytest.raises(DownloadError, match="cat.npy.*giving up"):
             fetch(mirror.url, root, 200, settings=FetchSettings(retries=2, backoff=0.01))
-        # no final file, sidecar, temporary file or lock: the bytes and the tag naming their remote file
-        assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy.part", "cat.npy.part.json"]
+        # no final file, sidecar or temporary file: the bytes and the tag naming their remote file
+        assert listing(out.parent) == ["cat.npy.part", "cat.npy.part.json"]
         assert out.with_name("cat.npy.part").stat().st_size == cut
         mirror.faults, start = Faults(), len(mirror.requests)  # the same URL, now healthy
         got = fetch(mirror.url, root, 200)["cat"]
     assert mirror.requests[start].range.startswith(f"bytes={cut}-")
     assert got.bytes_moved == 128 + 200 * ROW - cut
     np.testing.assert_array_equal(local(root), arr[:200])
-    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.npy", "cat.npy.json"]
+    assert listing(out.parent) == ["cat.npy", "cat.npy.json"]
 
 
 def test_failed_growth_keeps_the_cached_file_intact(remote, tmp_path):
@@ -137,6 +144,18 @@ def test_failed_growth_keeps_the_cached_file_intact(remote, tmp_path):
         fetch(mirror.url, root, 250)
     assert mirror.requests[start].range.startswith(f"bytes={128 + 10 * ROW + cut}-")
     np.testing.assert_array_equal(local(root), arr[:250])
+
+
+def test_range_other_than_the_one_asked_is_a_clear_error(remote, tmp_path):
+    base, arr = remote
+    root = tmp_path / "data"
+    with serve(base) as mirror:
+        fetch(mirror.url, root, 10)
+        mirror.faults = Faults(misrange=True)
+        with pytest.raises(DownloadError, match=rf"cat\.npy: asked for bytes {128 + 10 * ROW}-.*was sent bytes "
+                                                rf"{128 + 10 * ROW + 1}-"):
+            fetch(mirror.url, root, 60)
+    np.testing.assert_array_equal(local(root), arr[:10])  # the cached rows are kept
 
 
 def test_500_then_200_is_retried(remote, tmp_path):
@@ -224,7 +243,7 @@ def test_bad_remote_file_is_a_clear_error(tmp_path, problem, match):
     with serve(tmp_path / "remote") as mirror:
         with pytest.raises(DownloadError, match=rf"cat\.npy.*{match}"):
             fetch(mirror.url, tmp_path / "data", None)
-    assert not list((tmp_path / "data/numpy_bitmap").iterdir())
+    assert listing(tmp_path / "data/numpy_bitmap") == []
 
 
 def test_unknown_category_suggests_the_closest_names(tmp_path):
@@ -354,13 +373,145 @@ def test_remote_file_replaced_at_the_same_url_is_fetched_anew(tmp_path, caplog, 
     np.testing.assert_array_equal(local(root), new[:60])
     assert got.bytes_moved == 128 + 60 * ROW  # the refused answer's body is not read
     resumed = mirror.requests[start]
-    assert resumed.range.startswith(f"bytes={128 + 10 * ROW}-")
+    # Without validators the resume re-reads the last cached row to compare it.
+    assert resumed.range.startswith(f"bytes={128 + (10 if validators else 9) * ROW}-")
     if validators:  # the resume was conditional on the cached file's ETag, so the changed file came whole
         assert before["etag"] and resumed.if_range == before["etag"] and resumed.status == 200
     else:
         assert before["etag"] is None and resumed.status == 206
     assert mirror.requests[start + 1].range.startswith("bytes=0-")
     assert len(discarded(caplog)) == 1
+
+
+def strokes_file(path: Path, lines: int = 200, seed: int = 0) -> list[str]:
+    """A simplified-strokes file of `lines` drawings of varied length (no newline after the last)."""
+    rng = np.random.default_rng(seed)
+    rows = [json.dumps({"word": "cat", "key_id": str(i), "drawing": [[rng.integers(0, 256, rng.integers(2, 200))
+                                                                     .tolist()] * 2]}) for i in range(lines)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows))
+    return rows
+
+
+def get_strokes(url, root, n, settings=FAST) -> int:
+    stats = {}
+    download_strokes(["cat"], root=root, max_per_class=n, base_url=url, progress=False, settings=settings,
+                     stats=stats)
+    return stats["cat"].bytes_moved
+
+
+@pytest.mark.parametrize("cached", ["rows", "interrupted .part"])
+def test_html_page_answering_a_resume_is_never_appended(remote, tmp_path, cached):
+    base, arr = remote
+    root = tmp_path / "data"
+    with serve(base) as mirror:
+        if cached == "rows":
+            fetch(mirror.url, root, 10)
+        else:  # a body cut short, and every resume (If-Range) answered with a 200 HTML page
+            mirror.faults = Faults(script=["drop"], drop_after=FAST.chunk_size, html="if-range")
+        mirror.faults.html, start = "if-range", len(mirror.requests)
+        fetch(mirror.url, root, 200)
+    np.testing.assert_array_equal(local(root), arr[:200])
+    answers = [(r.if_range is not None, r.status, r.range.split("-")[0]) for r in mirror.requests[start:]]
+    # the page answered the conditional resume; the file was then read again from byte 0, unconditionally
+    assert answers[-2:] == [(True, 200, answers[-2][2]), (False, 206, "bytes=0")]
+    assert answers[-2][2] != "bytes=0"
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "strokes"])
+def test_html_page_instead_of_the_file_is_a_clear_error_and_keeps_the_cache(tmp_path, kind):
+    base, root = tmp_path / "remote", tmp_path / "data"
+    if kind == "bitmap":
+        arr = write_npy(base / "full/numpy_bitmap/cat.npy", 300)
+        out, get = root / "numpy_bitmap/cat.npy", lambda n: fetch(mirror.url, root, n)
+    else:
+        lines = strokes_file(base / "full/simplified/cat.ndjson")
+        out, get = root / "simplified/cat.ndjson", lambda n: get_strokes(mirror.url, root, n)
+    with serve(base) as mirror:
+        get(10)
+        cached = out.read_bytes()
+        mirror.faults = Faults(html="always")
+        with pytest.raises(DownloadError, match=r"cat\.(npy|ndjson).*HTML page"):
+            get(60)
+    assert out.read_bytes() == cached
+    if kind == "bitmap":
+        np.testing.assert_array_equal(local(root), arr[:10])
+    else:
+        assert out.read_text().splitlines() == lines[:10]
+    assert listing(out.parent) == [out.name, out.name + ".json"]
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "strokes"])
+def test_file_holding_an_html_page_is_a_clear_error(tmp_path, kind):
+    """The body check itself, without a Content-Type to give the page away."""
+    folder, name = ("numpy_bitmap", "cat.npy") if kind == "bitmap" else ("simplified", "cat.ndjson")
+    path = tmp_path / "remote/full" / folder / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(HTML_PAGE)
+    with serve(tmp_path / "remote") as mirror:
+        with pytest.raises(DownloadError, match=rf"{name}.* is an HTML page"):
+            if kind == "bitmap":
+                fetch(mirror.url, tmp_path / "data", 5)
+            else:
+                get_strokes(mirror.url, tmp_path / "data", 5)
+    assert listing(tmp_path / "data" / folder) == []
+
+
+def test_strokes_line_that_is_not_a_drawing_is_a_clear_error(tmp_path):
+    lines = strokes_file(tmp_path / "remote/full/simplified/cat.ndjson", 20)
+    lines[7] = json.dumps({"word": "cat", "strokes": []})
+    (tmp_path / "remote/full/simplified/cat.ndjson").write_text("\n".join(lines))
+    with serve(tmp_path / "remote") as mirror:
+        with pytest.raises(DownloadError, match=r"cat\.ndjson: line 8 is not a JSON drawing"):
+            get_strokes(mirror.url, tmp_path / "data", 10)
+        assert get_strokes(mirror.url, tmp_path / "data", 7) > 0  # the lines before it are fine
+
+
+@pytest.mark.parametrize("validators", [False, True])
+@pytest.mark.parametrize("cached", ["rows", "interrupted .part"])
+@pytest.mark.parametrize("kind", ["bitmap", "strokes"])
+def test_same_size_change_between_two_runs_is_fetched_afresh(tmp_path, caplog, kind, cached, validators):
+    base, root = tmp_path / "remote", tmp_path / "data"
+    if kind == "bitmap":
+        path = base / "full/numpy_bitmap/cat.npy"
+        write_npy(path, 300)
+        get = lambda n: fetch(mirror.url, root, n, settings=settings)  # noqa: E731
+        read = lambda: local(root)  # noqa: E731
+    else:
+        path = base / "full/simplified/cat.ndjson"
+        strokes_file(path)
+        get = lambda n: get_strokes(mirror.url, root, n, settings=settings)  # noqa: E731
+        read = lambda: (root / "simplified/cat.ndjson").read_bytes().splitlines()  # noqa: E731
+    new = reverse_rows(path)
+    assert len(new) == path.stat().st_size and new != path.read_bytes()
+    settings = FetchSettings(retries=0, backoff=0.01, timeout=5)
+    with serve(base, Faults(validators=validators)) as mirror, caplog.at_level(logging.WARNING):
+        if cached == "rows":
+            get(10)
+        else:
+            mirror.faults.script, mirror.faults.drop_after = ["drop", 500], FAST.chunk_size
+            with pytest.raises(DownloadError, match="giving up"):
+                get(150)
+        mirror.faults = Faults(validators=validators, new_version=True)
+        start = len(mirror.requests)
+        get(150)
+    path.write_bytes(new)  # what the mirror served: the rows asked for are its first ones
+    expected = np.load(path)[:150] if kind == "bitmap" else path.read_bytes().splitlines()[:150]
+    np.testing.assert_array_equal(read(), expected)
+    assert len(discarded(caplog)) == 1
+    ranges = [r.range for r in mirror.requests[start:]]  # a resume, refused; then from byte 0
+    assert not ranges[0].startswith("bytes=0-") and any(r.startswith("bytes=0-") for r in ranges[1:])
+
+
+def test_unchanged_file_without_validators_grows_by_the_missing_rows_and_one_more(remote, tmp_path):
+    base, arr = remote
+    with serve(base, Faults(validators=False)) as mirror:
+        fetch(mirror.url, tmp_path / "data", 10)
+        start = len(mirror.requests)
+        grown = fetch(mirror.url, tmp_path / "data", 60)["cat"]
+    assert mirror.requests[start].range == f"bytes={128 + 9 * ROW}-{128 + 60 * ROW - 1}"  # the last cached row
+    assert grown.bytes_moved == 51 * ROW and len(mirror.requests) == start + 1
+    np.testing.assert_array_equal(local(tmp_path / "data"), arr[:60])
 
 
 def test_two_downloads_of_one_file_at_once_fetch_it_once(remote, tmp_path):
@@ -384,7 +535,7 @@ def test_two_downloads_of_one_file_at_once_fetch_it_once(remote, tmp_path):
     assert errors == []
     np.testing.assert_array_equal(local(root), arr[:100])
     assert sorted(g.bytes_moved for g in results) == [0, 128 + 100 * ROW] == [0, mirror.sent()]
-    assert sorted(p.name for p in (root / "numpy_bitmap").iterdir()) == ["cat.npy", "cat.npy.json"]
+    assert listing(root / "numpy_bitmap") == ["cat.npy", "cat.npy.json"]
 
 
 def test_fewer_rows_than_asked_is_a_warning(remote, tmp_path, caplog):
@@ -409,6 +560,15 @@ def test_shared_three_categories_first_700_rows(shared_dir, tmp_path):
         source = shared_dir / "full/numpy_bitmap" / f"{name}.npy"
         np.testing.assert_array_equal(local(tmp_path / "data", name), np.load(source, mmap_mode="r")[:700])
         assert stats[name].bytes_moved == mirror.sent(f"{name}.npy") <= 1.1 * (header_size(source) + 700 * ROW)
+
+
+def test_shared_same_size_change_without_validators(shared_dir, tmp_path):
+    source = shared_dir / "full/numpy_bitmap/cat.npy"
+    with serve(shared_dir, Faults(validators=False)) as mirror:
+        fetch(mirror.url, tmp_path, 100)
+        mirror.faults = Faults(validators=False, new_version=True)
+        fetch(mirror.url, tmp_path, 300)
+    np.testing.assert_array_equal(local(tmp_path), np.load(source, mmap_mode="r")[::-1][:300])
 
 
 def test_shared_cli_subprocess(mirror_url, shared_dir, tmp_path):

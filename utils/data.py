@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from utils.download import bitmap_path
+from utils.npy import read_file_header
 
 SIDE = 28
 
@@ -52,21 +53,12 @@ def _bitmap_file(root, name: str, max_per_class: int | None) -> tuple[Path, int,
         raise FileNotFoundError(
             f"no bitmaps for category {name!r}: {path} is missing; "
             f"fetch it with: python -m utils.download \"{name}\" --root {root}{hint}")
-    fmt = np.lib.format
-    try:
-        with open(path, "rb") as f:
-            version = fmt.read_magic(f)
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(f)
-            offset, size = f.tell(), os.fstat(f.fileno()).st_size
-    except Exception as e:  # a foreign or damaged file: say which one
-        raise ValueError(f"{path} is not a readable .npy file ({e})") from e
-    if dtype != np.uint8 or len(shape) != 2 or shape[1] != SIDE * SIDE:
-        raise ValueError(f"{path} holds {dtype} {shape}; expected uint8 (rows, {SIDE * SIDE})")
-    if size - offset < shape[0] * shape[1]:
-        raise ValueError(f"{path} is truncated: {size - offset:,} bytes of pixels for {shape[0]:,} rows of "
+    header = read_file_header(path, SIDE * SIDE)  # a ValueError naming a foreign or damaged file
+    size, rows = path.stat().st_size, header.rows
+    if size - header.size < rows * SIDE * SIDE:
+        raise ValueError(f"{path} is truncated: {size - header.size:,} bytes of pixels for {rows:,} rows of "
                          f"{SIDE * SIDE}")
-    return path, shape[0], offset, fortran_order
+    return path, rows, header.size, header.fortran_order
 
 
 def _read_rows(path: Path, offset: int, fortran_order: bool, out: np.ndarray) -> None:

@@ -31,7 +31,8 @@ import torch
 
 from utils import plots
 from utils.data import QuickDrawSet
-from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_url, resolve_categories
+from utils.categories import resolve_categories
+from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_url
 from utils.io import atomic_write
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters

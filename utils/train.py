@@ -26,7 +26,8 @@ from utils.augment import RandomAugment, xl_augment
 from utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, save_state  # noqa: F401
 from utils.data import QuickDrawSet, iterate_batches, load_bitmaps, split
 from utils.device import pick_device, set_seed  # noqa: F401  (re-exported for callers of utils.train)
-from utils.download import download_bitmaps, resolve_categories
+from utils.categories import resolve_categories
+from utils.download import download_bitmaps
 from utils.io import write_json
 from utils.metrics import evaluate_model, predict_logits
 from utils.models import MODELS, build_model, count_parameters
