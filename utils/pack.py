@@ -31,6 +31,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +328,8 @@ def pack(categories, root="data", out="data/packed/set", max_per_class: int | No
     with _locked(out.with_name(f".{out.name}.lock")):
         sources = [open_source(root, name, max_per_class) for name in classes]
         t0 = time.perf_counter()
-        identities = [s.identity(s.digest()) for s in sources]
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+            identities = list(pool.map(lambda s: s.identity(s.digest()), sources))
         hash_seconds = time.perf_counter() - t0
         key = _plan_key(classes, max_per_class, seed, identities)
         if (out / "manifest.json").is_file() and not force:
@@ -404,27 +406,38 @@ def _write(sources, identities, key, tmp: Path, seed, chunk_rows, progress, on_c
     seen = np.array(state["seen"], dtype=np.int64)
     maps = _SourceMaps(sources)
     first = state["chunks_done"]
+    # Two pixel buffers in turn: one is gathered into while a thread writes and hashes the other.
+    buffers = [np.empty((min(chunk_rows, n), ROW), dtype=np.uint8) for _ in range(2)]
+    pending = None
     t0 = time.perf_counter()
     try:
         with tqdm(total=n, initial=min(first * chunk_rows, n), unit="drawing", unit_scale=True, desc="pack",
-                  disable=not progress, file=sys.stderr) as bar:
+                  disable=not progress, file=sys.stderr) as bar, ThreadPoolExecutor(1) as pool:
             for k in range(first, chunks):
                 positions = perm[k * chunk_rows:(k + 1) * chunk_rows]
                 labels, part = assign_parts(positions, starts, ends, seen)
-                for p, split in enumerate(SPLITS):
-                    mine = part == p
-                    rows = positions[mine]
-                    images = np.empty((len(rows), ROW), dtype=np.uint8)
-                    maps.gather(starts, rows, images)
-                    writers[split, "images"].write(images)
-                    writers[split, "labels"].write(labels[mine].astype(np.int16))
-                    writers[split, "index"].write(rows)
+                by_part = np.argsort(part, kind="stable")  # train rows, then val, then test; each in perm order
+                rows, labels = positions[by_part], labels[by_part].astype(np.int16)
+                images = buffers[k % 2][:len(rows)]
+                maps.gather(starts, rows, images)
+                cuts = np.cumsum(np.bincount(part, minlength=len(SPLITS)))[:-1]
+                items = [(writers[split, kind], piece) for kind, array in
+                         (("images", images), ("labels", labels), ("index", rows))
+                         for split, piece in zip(SPLITS, np.split(array, cuts))]
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(lambda items: [w.write(a) for w, a in items], items)
                 bar.update(len(positions))
-                if (k + 1) % PROGRESS_EVERY == 0 and k + 1 < chunks:
+                record = (k + 1) % PROGRESS_EVERY == 0 and k + 1 < chunks
+                if record or on_chunk is not None:
+                    pending.result()
+                if record:
                     files = {file_name(*sk): w.sync() for sk, w in writers.items()}
                     write_json(tmp / "progress.json", dict(state, chunks_done=k + 1, seen=seen.tolist(), files=files))
                 if on_chunk is not None:
                     on_chunk(k)
+            if pending is not None:
+                pending.result()
         files = {file_name(*sk): w.close() for sk, w in writers.items()}
     finally:
         maps.close()
@@ -468,6 +481,7 @@ class PackedSplit:
         self.labels = np.load(self.paths["labels"], mmap_mode="r")  # (n,) int16
         self.index = np.load(self.paths["index"], mmap_mode="r")  # (n,) int64
         self.offsets = {"images": self.images.offset, "labels": self.labels.offset}  # bytes before row 0
+        self._spare: list[tuple[np.ndarray, np.ndarray]] = []  # shuffle buffers of the last epoch
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -480,13 +494,6 @@ class PackedSplit:
         """Batches each rank's batches() yields per epoch (the same on every rank)."""
         per_rank = len(self) // world_size
         return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-
-    def _read(self, fd_images: int, fd_labels: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        images = np.empty((stop - start, ROW), dtype=np.uint8)
-        labels = np.empty(stop - start, dtype=np.int16)
-        _pread_into(fd_images, self.offsets["images"] + start * ROW, images, self.paths["images"])
-        _pread_into(fd_labels, self.offsets["labels"] + start * 2, labels, self.paths["labels"])
-        return images, labels
 
     def _epoch_runs(self, epoch: int, seed: int, rank: int, world_size: int, block_rows: int
                     ) -> list[tuple[int, int]]:
@@ -512,46 +519,6 @@ class PackedSplit:
                 break
         return runs
 
-    def _stream(self, runs: list[tuple[int, int]], prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(images, labels) of each run, read by a background thread `prefetch` runs ahead of the consumer."""
-        q: queue.Queue = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
-
-        def reader():
-            try:
-                with open(self.paths["images"], "rb", buffering=0) as fi, \
-                        open(self.paths["labels"], "rb", buffering=0) as fl:
-                    os.posix_fadvise(fi.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    for a, z in runs:
-                        item = self._read(fi.fileno(), fl.fileno(), a, z)
-                        while not stop.is_set():
-                            try:
-                                q.put(item, timeout=0.1)
-                                break
-                            except queue.Full:
-                                pass
-                        if stop.is_set():
-                            return
-                q.put(None)
-            except BaseException as e:  # hand the failure to the consumer
-                q.put(e)
-
-        thread = threading.Thread(target=reader, daemon=True, name=f"pack-reader-{self.name}")
-        thread.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a put() so the thread sees stop
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    pass
-                thread.join(0.05)
-
     def batches(self, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                 block_rows: int = BLOCK_ROWS, buffer_blocks: int = BUFFER_BLOCKS, drop_last: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -559,39 +526,95 @@ class PackedSplit:
 
         Reads blocks of block_rows consecutive rows in an order reshuffled every epoch (seed, epoch), and
         shuffles rows within a buffer of buffer_blocks blocks. Every rank yields num_batches(batch_size,
-        world_size, drop_last) batches; the last is shorter unless drop_last. Memory: the buffer plus
-        three blocks in flight, about (buffer_blocks + 3) * block_rows * 786 bytes, whatever the split's size.
+        world_size, drop_last) batches; the last is shorter unless drop_last. A thread reads the next buffer
+        straight into place while this one is served, so memory is two buffers, about
+        2 * buffer_blocks * block_rows * 786 bytes (206 MB by default), whatever the split's size.
         """
         if batch_size < 1 or block_rows < 1 or buffer_blocks < 1:
             raise ValueError(f"batch_size, block_rows and buffer_blocks must be positive "
                              f"(got {batch_size}, {block_rows}, {buffer_blocks})")
         runs = self._epoch_runs(epoch, seed, rank, world_size, block_rows)
         g = torch.Generator().manual_seed((seed * 10_007 + epoch) * 1_009 + rank)
-        cap = buffer_blocks * block_rows + batch_size
-        images = np.empty((cap, ROW), dtype=np.uint8)  # the shuffle buffer
-        labels = np.empty(cap, dtype=np.int64)
-        have = 0
-
-        def drain(final: bool):
-            nonlocal have
-            order = torch.randperm(have, generator=g).numpy()
-            full = have - have % batch_size
+        head = batch_size  # room before the rows read, for the previous buffer's leftover (< batch_size)
+        cap = head + buffer_blocks * block_rows
+        rest_images, rest_labels = np.empty((0, ROW), np.uint8), np.empty(0, np.int16)
+        for images, labels, end in self._fill(runs, cap, head):
+            lo = head - len(rest_images)
+            images[lo:head], labels[lo:head] = rest_images, rest_labels
+            order = torch.randperm(end - lo, generator=g).numpy() + lo
+            full = len(order) - len(order) % batch_size
             for i in range(0, full, batch_size):
                 take = order[i:i + batch_size]
-                yield torch.from_numpy(images[take]).view(-1, SIDE, SIDE), torch.from_numpy(labels[take])
-            rest = order[full:]
-            if final and len(rest) and not drop_last:
-                yield torch.from_numpy(images[rest]).view(-1, SIDE, SIDE), torch.from_numpy(labels[rest])
-            images[:len(rest)], labels[:len(rest)] = images[rest], labels[rest]  # carried into the next fill
-            have = len(rest)
+                yield (torch.from_numpy(np.take(images, take, axis=0)).view(-1, SIDE, SIDE),
+                       torch.from_numpy(np.take(labels, take).astype(np.int64)))
+            rest_images, rest_labels = np.take(images, order[full:], axis=0), np.take(labels, order[full:])
+        if len(rest_labels) and not drop_last:
+            yield (torch.from_numpy(rest_images).view(-1, SIDE, SIDE),
+                   torch.from_numpy(rest_labels.astype(np.int64)))
 
-        for run_images, run_labels in self._stream(runs):
-            if have + len(run_images) > cap:
-                yield from drain(final=False)
-            images[have:have + len(run_images)] = run_images
-            labels[have:have + len(run_labels)] = run_labels
-            have += len(run_images)
-        yield from drain(final=True)
+    def _fill(self, runs: list[tuple[int, int]], cap: int, head: int
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """(images (cap, 784), labels (cap,), end): two buffers in turn, rows [head, end) read from consecutive
+        runs by a background thread while the consumer serves the other buffer."""
+        free: queue.Queue = queue.Queue()
+        full: queue.Queue = queue.Queue()
+        # Buffers are kept for the next epoch: fresh ones cost a page fault per 4 KB on first touch.
+        spare = [b for b in self._spare if len(b[1]) == cap][:2]
+        self._spare = [b for b in self._spare if not any(b is t for t in spare)]
+        buffers = spare + [(np.empty((cap, ROW), np.uint8), np.empty(cap, np.int16)) for _ in range(2 - len(spare))]
+        for b in buffers:
+            free.put(b)
+        stop = threading.Event()
+
+        def take_free():
+            while not stop.is_set():
+                try:
+                    return free.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            return None
+
+        def reader():
+            try:
+                with open(self.paths["images"], "rb", buffering=0) as fi, \
+                        open(self.paths["labels"], "rb", buffering=0) as fl:
+                    os.posix_fadvise(fi.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    buf, end = None, head
+                    for a, z in runs:
+                        if buf is not None and end + z - a > cap:
+                            full.put((*buf, end))
+                            buf = None
+                        if buf is None:
+                            if (buf := take_free()) is None:
+                                return
+                            end = head
+                        images, labels = buf
+                        _pread_into(fi.fileno(), self.offsets["images"] + a * ROW, images[end:end + z - a],
+                                    self.paths["images"])
+                        _pread_into(fl.fileno(), self.offsets["labels"] + a * 2, labels[end:end + z - a],
+                                    self.paths["labels"])
+                        end += z - a
+                    if buf is not None:
+                        full.put((*buf, end))
+                full.put(None)
+            except BaseException as e:  # hand the failure to the consumer
+                full.put(e)
+
+        thread = threading.Thread(target=reader, daemon=True, name=f"pack-reader-{self.name}")
+        thread.start()
+        held = None
+        try:
+            while (item := full.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if held is not None:
+                    free.put(held)  # the consumer has moved its leftover out of it by now
+                held = item[:2]
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+            self._spare = buffers  # the last epoch's pair only: memory stays at two buffers
 
     def ordered(self, batch_size: int = 1024, rank: int = 0, world_size: int = 1, block_rows: int = BLOCK_ROWS
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -602,10 +625,11 @@ class PackedSplit:
         start, stop = shard(len(self), rank, world_size)
         step = max(block_rows // batch_size, 1) * batch_size  # whole batches per read
         runs = [(a, min(a + step, stop)) for a in range(start, stop, step)]
-        for images, labels in self._stream(runs):
-            for i in range(0, len(labels), batch_size):
-                yield (torch.from_numpy(images[i:i + batch_size]).view(-1, SIDE, SIDE),
-                       torch.from_numpy(labels[i:i + batch_size].astype(np.int64)))
+        for images, labels, end in self._fill(runs, step, 0):
+            for i in range(0, end, batch_size):  # copies: the buffer is refilled once the caller moves on
+                j = min(i + batch_size, end)
+                yield (torch.from_numpy(images[i:j].copy()).view(-1, SIDE, SIDE),
+                       torch.from_numpy(labels[i:j].astype(np.int64)))
 
     def load(self) -> QuickDrawSet:
         """The whole split in memory, as load_bitmaps + split would give it (MemoryError if it cannot fit)."""
