@@ -2,8 +2,9 @@
 
 The 17 bitmap categories of the local mirror (../shared/quickdraw) are tiled to --rows drawings each
 (the real rows repeated in order: a benchmark of bytes, not of learning) into <data>/numpy_bitmap/, then:
-  1. pack: `python -m utils.pack` in a fresh process (page cache dropped first), inside a memory cgroup
-     capped at --pack-limit-mb: seconds, MB/s written, peak resident memory (ru_maxrss);
+  1. pack: `python -m utils.pack` in a fresh process (page cache dropped first; inside a memory cgroup if
+     --pack-limit-mb is given): seconds, MB/s written, peak resident memory (ru_maxrss), beside the peak of a
+     process that only imports utils.pack (torch's libraries alone are about 500 MB of it);
   2. disk: one sequential read of the train images file with 16 MB reads (cache dropped): the disk's speed;
   3. pack reader: PackedSplit.batches over whole epochs of the train split for --seconds or more, in a fresh
      process capped at --read-limit-mb (less than the split, so the page cache cannot hold it and every epoch
@@ -54,8 +55,9 @@ class BenchConfig:
     seed: int = 0
     batch_size: int = 256         # the training recipe's batch
     seconds: float = 10.0         # each read measurement runs whole epochs / batches for at least this long
-    pack_limit_mb: int = 1024     # memory cgroup cap of the packing process
-    read_limit_mb: int = 512      # memory cgroup cap of the reading processes
+    pack_limit_mb: int = 0        # memory cgroup cap of the packing process (0: none; the cap counts the page
+                                  # cache, so one below the sources' size makes every gather a disk read)
+    read_limit_mb: int = 1024     # memory cgroup cap of the reading processes (less than the train split)
     mix_batches: int = 1000
     keep: bool = False
 
@@ -73,7 +75,10 @@ def drop_caches() -> bool:
 
 
 def make_cgroup(name: str, limit_mb: int) -> Path | None:
-    """A child memory cgroup capped at limit_mb (RSS and page cache together), or None where there is none."""
+    """A child memory cgroup capped at limit_mb (RSS and page cache together), or None where there is none
+    (or limit_mb is 0)."""
+    if not limit_mb:
+        return None
     path = CGROUP / name
     try:
         path.mkdir(exist_ok=True)
@@ -213,11 +218,13 @@ def run(cfg: BenchConfig) -> dict:
         bytes=total * ROW))
     tag = f"quickdraw_bench_{os.getpid()}"
     pack_cg, read_cg = make_cgroup(tag + "_pack", cfg.pack_limit_mb), make_cgroup(tag + "_read", cfg.read_limit_mb)
-    report["cgroup"] = None if read_cg is None else dict(pack_limit_mb=cfg.pack_limit_mb,
+    report["cgroup"] = None if read_cg is None else dict(pack_limit_mb=cfg.pack_limit_mb or None,
                                                          read_limit_mb=cfg.read_limit_mb)
     if read_cg is None:
         print("no memory cgroup could be made (not root, or no cgroup v1 memory controller): reads are not capped")
     try:
+        _, base_rss, _, _ = run_child(["-c", "import utils.pack"], None)
+        report["import_baseline_rss_bytes"] = base_rss
         dropped = drop_caches()
         report["page_cache_dropped"] = dropped
         if not dropped:
@@ -230,10 +237,11 @@ def run(cfg: BenchConfig) -> dict:
         pack_bytes = sum(f["bytes"] for f in ps.manifest["files"].values())
         report["pack"] = dict(seconds=seconds, bytes=pack_bytes, mb_per_s=pack_bytes / 1e6 / seconds,
                               drawings_per_s=total / seconds, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak,
-                              phases=ps.manifest["seconds"])
+                              cgroup_limit_mb=cfg.pack_limit_mb or None, phases=ps.manifest["seconds"])
         print(f"pack: {total:,} drawings, {pack_bytes / 1e9:.2f} GB in {seconds:.1f} s ({pack_bytes / 1e6 / seconds:.0f} "
               f"MB/s written; sources hashed in {ps.manifest['seconds']['hash_sources']:.1f} s), peak RSS "
-              f"{rss / 2**20:.0f} MiB" + (f" (cgroup capped at {cfg.pack_limit_mb} MiB)" if pack_cg else ""))
+              f"{rss / 2**20:.0f} MiB ({(rss - base_rss) / 2**20:.0f} MiB above importing it)" +
+              (f", in a cgroup capped at {cfg.pack_limit_mb} MiB" if pack_cg else ""))
         train_file = out / "train.images.npy"
         train_bytes = train_file.stat().st_size
         # 2. the disk
@@ -255,7 +263,8 @@ def run(cfg: BenchConfig) -> dict:
                                share_of_sequential=mb / seq_mb, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak)
             epochs = f", {r['epochs']} epochs" if "epochs" in r else ""
             print(f"{key}: {r['rows']:,} drawings in {r['seconds']:.1f} s{epochs}: {r['rows'] / r['seconds']:,.0f} "
-                  f"drawings/s, {mb:.0f} MB/s = {mb / seq_mb:.0%} of sequential; peak RSS {rss / 2**20:.0f} MiB")
+                  f"drawings/s, {mb:.0f} MB/s = {mb / seq_mb:.0%} of sequential; peak RSS {rss / 2**20:.0f} MiB"
+                  + (f", cgroup peak {cg_peak / 2**20:.0f} MiB of {cfg.read_limit_mb}" if cg_peak else ""))
         report["pack_reader"]["target_share"] = 0.7
         report["pack_reader"]["meets_target"] = report["pack_reader"]["share_of_sequential"] >= 0.7
         # 5. class mixing

@@ -12,8 +12,8 @@ Layout of <out>/ (every array a plain .npy, so np.load(..., mmap_mode="r") reads
 
 The split is stratified_split's (same members for the same categories, rows and seed); each split's rows are
 stored in the order of the permutation that split is drawn from, so any long run of them is class-mixed.
-Writing is streamed in chunks of that permutation, so memory stays bounded (about 8 bytes a drawing for the
-permutation plus one chunk) whatever the size. An unfinished pack lives in .<name>.partial/ beside <out>,
+Writing is streamed in chunks of that permutation, so memory stays bounded (4 bytes a drawing for the
+permutation plus two chunks) whatever the size. An unfinished pack lives in .<name>.partial/ beside <out>,
 and rerunning the same command resumes it; <out> only ever appears complete.
 """
 from __future__ import annotations
@@ -227,8 +227,10 @@ def split_ends(counts: np.ndarray, fractions=FRACTIONS) -> np.ndarray:
 
 
 def seeded_permutation(n: int, seed: int) -> np.ndarray:
-    """The permutation stratified_split draws its split from (same generator, same call): (n,) int64."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    """The permutation stratified_split draws its split from (same generator and draws): (n,) int32 below
+    2**31 drawings (the same values as torch's int64 default, in half the memory), else int64."""
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed), dtype=dtype).numpy()
 
 
 def assign_parts(positions: np.ndarray, starts: np.ndarray, ends: np.ndarray, seen: np.ndarray
@@ -402,7 +404,7 @@ def _write(sources, identities, key, tmp: Path, seed, chunk_rows, progress, on_c
     writers = {(split, kind): _Writer(tmp / file_name(split, kind), dtype, (shapes[split], *row),
                                       state["files"].get(file_name(split, kind)))
                for split in SPLITS for kind, (dtype, row) in KINDS.items()}
-    perm = seeded_permutation(n, seed)  # 8 bytes a drawing: the one thing that grows with the set
+    perm = seeded_permutation(n, seed)  # 4 bytes a drawing: the one thing that grows with the set
     seen = np.array(state["seen"], dtype=np.int64)
     maps = _SourceMaps(sources)
     first = state["chunks_done"]
@@ -417,7 +419,7 @@ def _write(sources, identities, key, tmp: Path, seed, chunk_rows, progress, on_c
                 positions = perm[k * chunk_rows:(k + 1) * chunk_rows]
                 labels, part = assign_parts(positions, starts, ends, seen)
                 by_part = np.argsort(part, kind="stable")  # train rows, then val, then test; each in perm order
-                rows, labels = positions[by_part], labels[by_part].astype(np.int16)
+                rows, labels = positions[by_part].astype(np.int64), labels[by_part].astype(np.int16)
                 images = buffers[k % 2][:len(rows)]
                 maps.gather(starts, rows, images)
                 cuts = np.cumsum(np.bincount(part, minlength=len(SPLITS)))[:-1]
@@ -463,6 +465,35 @@ def _read_progress(tmp: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+def _cgroup_limit() -> int | None:
+    """This process's memory cgroup limit in bytes (v1 or v2), None where there is none."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        elif controllers == "":
+            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        else:
+            continue
+        try:
+            value = f.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:  # "max" or a huge number: no limit
+            return int(value)
+    return None
+
+
+def cache_room() -> int | None:
+    """Bytes of page cache this process can hope to keep: memory available, capped by its cgroup's limit."""
+    room = [x for x in (available_memory(), _cgroup_limit()) if x is not None]
+    return min(room) if room else None
+
 
 def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of rank's contiguous share of n rows; shares differ by at most one row and cover all."""
@@ -556,6 +587,11 @@ class PackedSplit:
               ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """(images (cap, 784), labels (cap,), end): two buffers in turn, rows [head, end) read from consecutive
         runs by a background thread while the consumer serves the other buffer."""
+        # A split read in a cycle that the cache cannot hold gets no cache hits (LRU evicts each page before
+        # its next epoch): its pages are dropped once read, which spares the kernel reclaiming them, and
+        # whatever else is cached (other ranks' pages, the libraries) stays.
+        room = cache_room()
+        drop_behind = room is not None and self.images.nbytes > room
         free: queue.Queue = queue.Queue()
         full: queue.Queue = queue.Queue()
         # Buffers are kept for the next epoch: fresh ones cost a page fault per 4 KB on first touch.
@@ -593,6 +629,9 @@ class PackedSplit:
                                     self.paths["images"])
                         _pread_into(fl.fileno(), self.offsets["labels"] + a * 2, labels[end:end + z - a],
                                     self.paths["labels"])
+                        if drop_behind:
+                            os.posix_fadvise(fi.fileno(), self.offsets["images"] + a * ROW, (z - a) * ROW,
+                                             os.POSIX_FADV_DONTNEED)
                         end += z - a
                     if buf is not None:
                         full.put((*buf, end))
