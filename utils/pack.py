@@ -345,8 +345,8 @@ def pack(categories, root="data", out="data/packed/set", max_per_class: int | No
                     log.info("%s is already packed from these sources", out)
                     return out
                 _refuse_other(out, done.manifest, key)
-        elif out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()) and not force:
-            raise PackError(f"{out} exists and is not a pack; choose another --out or remove it")
+        elif out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise PackError(f"{out} exists and is not a pack; choose another --out or remove it")  # even forced
         tmp = partial_dir(out)
         _write(sources, identities, key, tmp, seed, chunk_rows, progress, on_chunk, hash_seconds)
         if out.exists():  # force: the old pack goes only once the new one is whole
