@@ -13,12 +13,12 @@ from typing import Iterator
 import httpx
 import numpy as np
 
-from app.api import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS
-from app.service import ink_length
+from app.inputs import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, ink_length
 from utils.data import load_bitmaps, split
 from utils.models import build_model
 from utils.strokes import read_ndjson
-from utils.train import TrainConfig, fit, save_checkpoint
+from utils.checkpoint import save_checkpoint
+from utils.train import TrainConfig, fit
 
 
 def bitmap_categories(full: Path) -> list[str]:
