@@ -31,7 +31,7 @@ def seconds(text: str) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = ServiceConfig()
     p = argparse.ArgumentParser(prog="python -m app", description="Drawing page and JSON API for a doodle classifier.")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint written by utils.train (models/<name>.pt)")
+    p.add_argument("--model", type=Path, required=True, help="a checkpoint written by training (models/<name>.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--threads", type=int, default=1,

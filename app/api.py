@@ -153,7 +153,8 @@ class BodyTimeout:
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return _error(413, f"request body too large: at most {limit:,} bytes (1 MB)")
+    # the rest of the body is not read: the connection cannot carry another request
+    return _error(413, f"request body too large: at most {limit:,} bytes (1 MB)", connection="close")
 
 
 def _error(status: int, detail: str, errors: list[dict] | None = None, **headers) -> JSONResponse:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
