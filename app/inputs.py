@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
@@ -69,6 +70,13 @@ def one_line(text: str, limit: int = 2_000) -> str:
     """Control characters (newlines among them) escaped, and the text cut to a readable length."""
     text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def worker_started() -> None:
+    """A worker process's start (app.service.Workers): a lower CPU priority, so that ordinary requests
+    keep theirs, and cairo loaded."""
+    os.nice(10)
+    strokes_to_bitmap([[[0, 10, 20], [0, 20, 0]]])
 
 
 # --- strokes and bitmaps -----------------------------------------------------------------------------

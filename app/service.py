@@ -17,7 +17,7 @@ import anyio.to_thread
 import numpy as np
 import torch
 
-from app.inputs import SIDE, Costly, strokes_to_bitmap
+from app.inputs import SIDE, Costly, strokes_to_bitmap, worker_started
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.data import to_float
 
@@ -123,17 +123,6 @@ class Batcher:
         self._next()
 
 
-def _background() -> None:
-    """Worker process start: lower CPU priority, so that ordinary requests keep theirs."""
-    os.nice(10)
-    torch.set_num_threads(1)
-
-
-def _ready() -> bool:
-    strokes_to_bitmap([[[0, 10, 20], [0, 20, 0]]])  # loads cairo
-    return True
-
-
 class Workers:
     """Where a request's CPU work runs: never on the event loop, and never more at once than bounded.
 
@@ -154,12 +143,12 @@ class Workers:
     def pool(self) -> ProcessPoolExecutor:
         if self._pool is None:  # spawn: a fork would copy the server's threads and event loop into the child
             self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_background)
+                                             initializer=worker_started)
         return self._pool
 
     async def start(self) -> None:
         """Start the worker processes now rather than on the first costly request."""
-        await asyncio.gather(*(asyncio.wrap_future(self.pool.submit(_ready)) for _ in range(self.processes)))
+        await asyncio.gather(*(asyncio.wrap_future(self.pool.submit(os.getpid)) for _ in range(self.processes)))
 
     def close(self) -> None:
         """Stop the worker processes (a later request starts new ones)."""
