@@ -11,6 +11,8 @@ import io
 import math
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
@@ -74,9 +76,16 @@ def one_line(text: str, limit: int = 2_000) -> str:
 
 def worker_started() -> None:
     """A worker process's start (app.service.Workers): a lower CPU priority, so that ordinary requests
-    keep theirs, and cairo loaded."""
+    keep theirs, cairo loaded, and an end of its own when the server is gone."""
     os.nice(10)
     strokes_to_bitmap([[[0, 10, 20], [0, 20, 0]]])
+    parent = os.getppid()
+
+    def orphaned():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+    threading.Thread(target=orphaned, daemon=True).start()
 
 
 # --- strokes and bitmaps -----------------------------------------------------------------------------
