@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from utils.models import MODELS, QuickDrawCNN_V1, QuickDrawCNN_V2, build_model, count_parameters
+from utils.models import (MODELS, QuickDrawCNN_V1, QuickDrawCNN_V2, QuickDrawNet, build_model, count_parameters,
+                          flops_per_image)
 
 
 def param_counts(model):
@@ -59,3 +60,22 @@ def test_count_parameters_skips_frozen_ones():
     model = QuickDrawCNN_V1(10)
     model.features[0].weight.requires_grad_(False)  # 16*1*5*5 = 400 frozen
     assert count_parameters(model) == 416 + 12_832 + 15_690 - 400
+
+
+def test_quickdrawnet_works_at_28_then_14_then_7_pixels():
+    model = QuickDrawNet(17, widths=(8, 16, 24), blocks=(2, 1)).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert model.stem(x).shape == (2, 8, 28, 28)
+    assert model.stage1(model.stem(x)).shape == (2, 16, 14, 14)
+    assert model.stage2(model.stage1(model.stem(x))).shape == (2, 24, 7, 7)
+    assert len(model.stage1) == 1 + 2 and len(model.stage2) == 1 + 1  # downsample + residual blocks
+
+
+def test_flops_per_image_counts_multiply_adds_twice():
+    # V1 by hand: conv 1->16 5x5 at 28x28, conv 16->32 5x5 at 14x14, linear 1568->10
+    macs = 16 * 25 * 28 * 28 + 16 * 32 * 25 * 14 * 14 + 1568 * 10
+    model = QuickDrawCNN_V1(10).train()
+    assert flops_per_image(model) == 2 * macs
+    assert model.training  # its mode is left as found
+    # the 28x28 stage is what QuickDrawNet saves: it needs fewer FLOPs than the ResNet at the same widths
+    assert flops_per_image(build_model("qdnet", 17)) < 0.8 * flops_per_image(build_model("resnet", 17))
