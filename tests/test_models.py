@@ -77,5 +77,24 @@ def test_flops_per_image_counts_multiply_adds_twice():
     model = QuickDrawCNN_V1(10).train()
     assert flops_per_image(model) == 2 * macs
     assert model.training  # its mode is left as found
+    qdnet = build_model("qdnet", 17)
+    stats = qdnet.stem[1].running_mean.clone()
+    flops_per_image(qdnet)
+    assert torch.equal(qdnet.stem[1].running_mean, stats)  # and its BatchNorm statistics
     # the 28x28 stage is what QuickDrawNet saves: it needs fewer FLOPs than the ResNet at the same widths
     assert flops_per_image(build_model("qdnet", 17)) < 0.8 * flops_per_image(build_model("resnet", 17))
+
+
+def test_quickdrawnet_predicts_a_drawing_and_its_mirror_alike():
+    torch.manual_seed(0)
+    model = QuickDrawNet(5, widths=(8, 16, 24)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(model(x), (model.logits(x) + model.logits(x.flip(-1))) / 2)
+    torch.testing.assert_close(model(x.flip(-1)), model(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model.logits(x.flip(-1)), model.logits(x))  # the network alone is not symmetric
+    model.train()
+    outputs = []
+    for f in (model, model.logits):
+        torch.manual_seed(1)  # the same dropout mask
+        outputs.append(f(x))
+    torch.testing.assert_close(*outputs)  # training sees one image per drawing

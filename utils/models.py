@@ -5,6 +5,8 @@ logits (B, n_classes).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -98,12 +100,13 @@ class QuickDrawNet(nn.Module):
 
     Full-size 28x28 layers cost the most per channel (4x those at 14), so only the stem runs there, narrow;
     the residual blocks run at 14 and 7 pixels, where more channels are cheap. Global average pooling keeps
-    the head small.
+    the head small. In eval mode the logits are the mean over the drawing and its left-right mirror.
     """
 
     def __init__(self, n_classes: int, widths: tuple[int, int, int] = (32, 64, 128), blocks: tuple[int, int] = (1, 1),
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, mirror_average: bool = True):
         super().__init__()
+        self.mirror_average = mirror_average
         w0, w1, w2 = widths
         self.stem = ConvBN(1, w0)                                                        # (B,w0,28,28)
         self.stage1 = nn.Sequential(Downsample(w0, w1), *(ResidualBlock(w1) for _ in range(blocks[0])))  # (B,w1,14,14)
@@ -113,8 +116,15 @@ class QuickDrawNet(nn.Module):
             nn.Dropout(dropout), nn.Linear(w2, n_classes),  # (B,C)
         )
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.stage1(self.stem(x))))  # (B,C)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stage2(self.stage1(self.stem(x))))
+        if self.training or not self.mirror_average:
+            return self.logits(x)
+        # A left-right mirror is a drawing of the same thing (training flips half the batches), so in
+        # eval mode the logits are averaged over the drawing and its mirror image.
+        return (self.logits(x) + self.logits(x.flip(-1))) / 2  # (B,C)
 
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -141,15 +151,12 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def flops_per_image(model: nn.Module) -> int:
-    """Floating-point operations of one forward pass on one 28x28 image (a multiply-add counts 2), as
-    torch.utils.flop_counter counts them (convolutions and matrix products)."""
+    """Floating-point operations of one training-mode forward pass per 28x28 image (a multiply-add
+    counts 2), as torch.utils.flop_counter counts them (convolutions and matrix products). The backward
+    pass costs about twice as much again; QuickDrawNet's predictions cost twice this (the mirror image)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
-        return counter.get_total_flops()
-    finally:
-        model.train(was_training)
+    replica = copy.deepcopy(model).train()  # train mode updates BatchNorm statistics: not the caller's
+    with FlopCounterMode(display=False) as counter:
+        replica(torch.zeros(2, 1, 28, 28, device=next(model.parameters()).device))
+    return counter.get_total_flops() // 2

@@ -188,30 +188,31 @@ def evaluate(model: nn.Module, ds: QuickDrawSet, device: torch.device, batch_siz
 
 # ------------------------------------------------------------------------------- precision by measurement
 
-def time_candidates(steps: dict, images_per_step: int, seconds: float = 1.0, rounds: int = 2,
+def time_candidates(steps: dict, images_per_step: int, seconds: float = 1.0, rounds: int = 3,
                     clock=time.perf_counter) -> dict:
     """Images/s of each candidate's step function ({name: step()}), measured in turns.
 
     Each candidate runs one untimed warm-up step (kernel selection, allocation), then `rounds` turns of
-    about seconds/rounds each, taken in turn so that a busy moment hits them alike; its rate is its best
-    turn, as other work on the machine can only slow a turn down. After the first turn, candidates at
-    under half the best rate drop out: noise cannot make them win, and on a CPU without native bf16 a
-    bf16 step can take seconds.
+    about seconds/rounds each, taken in turn so that a busy moment hits them alike. Its rate is that of
+    its fastest step: other work on the machine can only slow a step down. After the first turn,
+    candidates at under half the best rate drop out: noise cannot make them win, and on a CPU without
+    native bf16 a bf16 step can take seconds.
     """
     for step in steps.values():
         step()
-    rates: dict = {}
+    fastest: dict = {}
     alive = list(steps)
     for turn in range(rounds):
         for name in alive:
-            n, start = 0, clock()
-            while n == 0 or clock() - start < seconds / rounds:
+            start = last = clock()
+            while last == start or last - start < seconds / rounds:
                 steps[name]()
-                n += 1
-            rates[name] = max(rates.get(name, 0.0), n * images_per_step / max(clock() - start, 1e-9))
-        best = max(rates.values())
-        alive = [name for name in alive if rates[name] >= best / 2]
-    return rates
+                now = clock()
+                fastest[name] = min(fastest.get(name, float("inf")), now - last)
+                last = now
+        best = min(fastest.values())
+        alive = [name for name in alive if fastest[name] <= 2 * best]
+    return {name: images_per_step / max(t, 1e-9) for name, t in fastest.items()}
 
 
 def precision_candidates(config: TrainConfig, device: torch.device) -> list[tuple[bool, bool]]:
@@ -410,7 +411,7 @@ def _budget_planner(config: TrainConfig, model: nn.Module, val: QuickDrawSet, de
                     steps: int, history: dict, dtype):
     """plan(batches done) for SizedSchedule: None until enough batches of the first epoch are timed, then the
     schedule's length in batches, with the plan recorded in history["budget"]."""
-    measure_at = min(steps, max(3, steps // 20))  # about 5% of the first epoch
+    measure_at = min(steps, max(3, steps // 10))  # about 10% of the first epoch
     marks = {}
 
     def plan(done: int):
