@@ -194,6 +194,7 @@ def bench(args, names: list[str], cpu: str) -> int:
           f"{args.threads or torch.get_num_threads()} threads; load average {os.getloadavg()}", flush=True)
     results = []
     models_dir = Path(args.models_dir) / cpu
+    path = args.json or (None if args.quick else report_path(args.seed, cpu))
     for name in names:
         print(f"\n{name}: {RUNS[name][0]}", flush=True)
         r = run(name, train, val, test, args.seed, args.quick, models_dir, args.threads, device)
@@ -205,16 +206,16 @@ def bench(args, names: list[str], cpu: str) -> int:
               f"{r['train_seconds']:.0f} s training, {r['fit_seconds']:.0f} s with validation, "
               f"{r['images_per_s']:,.0f} images/s; val top-1 {r['val']['top1']:.2%}, test top-1 {r['test']['top1']:.2%}; "
               f"load average {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
+        checks = verdicts({r["name"]: r for r in results})
+        if path:  # after every run: an interrupted benchmark keeps what it measured
+            write_json(path, dict(quick=args.quick, seed=args.seed, cpu_configuration=cpu, env=CPUS[cpu],
+                                  machine=info, machine_line=describe_machine(info), device=str(device),
+                                  runs=names, results=results, checks=checks,
+                                  sizes=dict(train=len(train), val=len(val), test=len(test))), indent=1)
     print(f"\n{describe_machine(info)}; CPU configuration {cpu}\n" + table(results))
-    checks = verdicts({r["name"]: r for r in results})
     print("\n".join(checks))
     print(f"load average at the end: {os.getloadavg()}")
-    path = args.json or (None if args.quick else report_path(args.seed, cpu))
     if path:
-        write_json(path, dict(quick=args.quick, seed=args.seed, cpu_configuration=cpu, env=CPUS[cpu],
-                              machine=info, machine_line=describe_machine(info), device=str(device),
-                              results=results, checks=checks, sizes=dict(train=len(train), val=len(val), test=len(test))),
-                   indent=1)
         print(f"written: {path}")
     return 0
 
