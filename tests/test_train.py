@@ -12,7 +12,7 @@ import torch
 
 import utils.train as train_module
 from utils.data import QuickDrawSet
-from utils.device import cpu_flags, native_bf16_cpu
+from utils.device import cpu_flags
 from utils.models import build_model
 from utils.train import (CheckpointError, TrainConfig, fit, history_path, last_path, load_checkpoint, pick_device,
                          save_checkpoint, set_seed)
@@ -152,6 +152,34 @@ def test_a_budget_sizes_the_schedule_and_the_run_ends_it(tmp_path, monkeypatch):
     assert len(history["train_loss"]) == budget["epochs"] and history["stopped"] == "completed"
     assert last["scheduler"]["total_steps"] == last["scheduler"]["last_epoch"] == budget["epochs"] * steps
     assert last["optimizer"]["param_groups"][0]["lr"] < config.lr / 100
+
+
+def test_a_machine_that_gets_busier_shortens_the_sized_schedule_which_still_ends(tmp_path, monkeypatch):
+    clock, real_step, real_save = FakeClock(tick=0.0), train_module.train_step, train_module._save_progress
+    batch_seconds = [1.0]
+
+    def timed_step(*args, **kwargs):
+        clock.now += batch_seconds[0]
+        return real_step(*args, **kwargs)
+
+    def slower_after_epoch_1(*args, **kwargs):  # from the second epoch on, every batch takes 3x as long
+        batch_seconds[0] = 3.0
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "CLOCK", clock)
+    monkeypatch.setattr(train_module, "train_step", timed_step)
+    monkeypatch.setattr(train_module, "_save_progress", slower_after_epoch_1)
+    out = tmp_path / "v1.pt"
+    config = TrainConfig(model="v1", epochs=20, batch_size=16, schedule="onecycle", patience=None, max_minutes=2.0,
+                         **QUIET)
+    set_seed(0)
+    history = fit(build_model("v1", 2), TRAIN, VAL, config, out=out)
+    budget, steps = history["budget"], len(TRAIN) // 16
+    assert budget["shortened_after_epoch"] >= 1 and "(shortened after epoch" in budget["label"]
+    assert len(history["train_loss"]) == budget["epochs"] < 20
+    last = torch.load(last_path(out), weights_only=True)
+    assert last["scheduler"]["total_steps"] == last["scheduler"]["last_epoch"] == budget["epochs"] * steps
+    assert last["optimizer"]["param_groups"][0]["lr"] < config.lr / 100  # annealed, not cut off
 
 
 def test_plan_epochs_fits_the_budget():
@@ -476,5 +504,5 @@ def test_auto_precision_picks_fp32_on_avx2_and_bf16_where_it_is_faster():
     rates = here["choice"]["images_per_s"]
     assert here["choice"]["precision"] == max(rates, key=rates.get)
     assert here["choice"]["bf16"] is (best(rates, "bf16") > best(rates, "fp32")), rates
-    if native_bf16_cpu():
-        assert here["choice"]["bf16"] is True, rates
+    # (On a quiet machine with AMX that is bf16, at about 2.3x float32; other work on the 2 cores can hide
+    # it, so the test holds the choice to the rates, not to the hardware.)

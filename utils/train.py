@@ -346,9 +346,13 @@ class SizedSchedule:
         total = self.plan(self.done) if self.plan is not None else None
         if total is not None:
             self.plan = None
-            self.inner = self.build(total)
-            for _ in range(self.done if self.inner is not None else 0):
-                self.inner.step()
+            self.resize(total)
+
+    def resize(self, total_steps: int) -> None:
+        """Rebuild the schedule to total_steps and bring it to the batches done (a shorter one jumps ahead)."""
+        self.inner = self.build(total_steps)
+        for _ in range(self.done if self.inner is not None else 0):
+            self.inner.step()
 
     def state_dict(self) -> dict | None:
         return None if self.inner is None else self.inner.state_dict()
@@ -433,6 +437,24 @@ def _budget_planner(config: TrainConfig, model: nn.Module, val: QuickDrawSet, de
         return epochs * steps
 
     return plan
+
+
+def _shorten_if_late(history: dict, done: int, epochs: int, config: TrainConfig, scheduler: SizedSchedule,
+                     steps: int) -> int:
+    """After epoch `done` of a budget-sized run: if the epochs so far, at their mean length, say the plan
+    would end after the budget (the machine got busier), drop epochs and rebuild the schedule so that it
+    still ends, annealed, inside it. Returns the epoch count."""
+    per_epoch = sum(history["epoch_seconds"]) / len(history["epoch_seconds"])
+    left = 60 * history["budget"]["minutes"] * 0.97 - history["fit_seconds"]  # the plan's budget, also on resume
+    kept = max(done + 1, done + int(left // per_epoch))
+    if kept >= epochs:
+        return epochs
+    scheduler.resize(kept * steps)
+    history["budget"].update(epochs=kept, shortened_after_epoch=done)
+    history["budget"]["label"] = describe_budget(history["budget"]) + f" (shortened after epoch {done})"
+    if config.progress:
+        tqdm.write(f"budget: behind plan, {history['budget']['label']}", file=sys.stderr)
+    return kept
 
 
 def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainConfig, out: Path | None,
@@ -521,6 +543,8 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f} acc {acc:.2%} | val loss {val_loss:.4f} "
                        f"acc {val_acc:.2%} | {seconds:.1f} s, {seen / t_train:.0f} img/s{' *' if improved else ''}",
                        file=sys.stderr)
+        if history["budget"] and epoch + 1 < epochs:
+            epochs = _shorten_if_late(history, epoch + 1, epochs, config, scheduler, steps)
         stop = config.patience and since_best >= config.patience
         if stop:
             history["stopped"] = "early_stopping"
