@@ -1,0 +1,325 @@
+"""Full scale on this machine: pack a set larger than the reading process may use, then read it back.
+
+The 17 bitmap categories of the local mirror (../shared/quickdraw) are tiled to --rows drawings each
+(the real rows repeated in order: a benchmark of bytes, not of learning) into <data>/numpy_bitmap/, then:
+  1. pack: `python -m utils.pack` in a fresh process (page cache dropped first; inside a memory cgroup if
+     --pack-limit-mb is given): seconds, MB/s written, peak resident memory (ru_maxrss), beside the peak of a
+     process that only imports utils.pack (torch's libraries alone are about 500 MB of it);
+  2. disk: one sequential read of the train images file with 16 MB reads (cache dropped): the disk's speed;
+  3. pack reader: PackedSplit.batches over whole epochs of the train split for --seconds or more, in a fresh
+     process capped at --read-limit-mb (less than the split, so the page cache cannot hold it and every epoch
+     comes from the disk): drawings/s and MB/s, against step 2;
+     then the same with the split in the page cache and no cap (the reader's own CPU cost);
+  4. per-category memory maps: np.load(mmap_mode="r") per category and a random gather per batch (the route
+     without a pack), same cap and duration;
+  5. class mixing: a chi-square test of each of 1,000 batches' label counts against the class shares.
+Caps use the cgroup v1 memory controller (/sys/fs/cgroup/memory, needs root); the page cache is dropped with
+/proc/sys/vm/drop_caches (root). Either missing is said in the printout and the report. Large files are deleted
+at the end unless --keep. Writes reports/bench_scale.json.
+
+    flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale
+    .venv/bin/python -m benchmarks.bench_scale --rows 20000 --seconds 2     # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.mirror import SHARED_DIR
+from utils.device import describe_machine, machine_info
+from utils.download import bitmap_path
+from utils.io import write_json
+from utils.pack import ROW, PackedSet
+
+ROOT = Path(__file__).resolve().parents[1]
+CGROUP = Path("/sys/fs/cgroup/memory")
+SEQ_READ = 1 << 24
+
+
+@dataclass
+class BenchConfig:
+    categories: list[str] = field(default_factory=lambda: sorted(
+        p.stem for p in (SHARED_DIR / "full" / "numpy_bitmap").glob("*.npy")))
+    rows: int = 150_000           # drawings per category after tiling
+    data: str = str(ROOT / "data" / "bench_scale")
+    seed: int = 0
+    batch_size: int = 256         # the training recipe's batch
+    seconds: float = 10.0         # each read measurement runs whole epochs / batches for at least this long
+    pack_limit_mb: int = 0        # memory cgroup cap of the packing process (0: none; the cap counts the page
+                                  # cache, so one below the sources' size makes every gather a disk read)
+    read_limit_mb: int = 1024     # memory cgroup cap of the reading processes (less than the train split)
+    mix_batches: int = 1000
+    keep: bool = False
+
+
+# ------------------------------------------------------------------------------------------ machinery
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache, so the next read comes from the disk; False if not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_cgroup(name: str, limit_mb: int) -> Path | None:
+    """A child memory cgroup capped at limit_mb (RSS and page cache together), or None where there is none
+    (or limit_mb is 0)."""
+    if not limit_mb:
+        return None
+    path = CGROUP / name
+    try:
+        path.mkdir(exist_ok=True)
+        (path / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+        return path
+    except OSError:
+        return None
+
+
+def run_child(args: list[str], cgroup: Path | None) -> tuple[dict | str, int, float, int | None]:
+    """Run `python <args>` in a fresh process (inside cgroup if given): (its JSON line or stdout, peak RSS
+    bytes, wall seconds, the cgroup's peak usage in bytes or None)."""
+    cmd = [sys.executable, *args]
+    if cgroup is not None:  # the shell joins the cgroup, then becomes python: nothing runs outside it
+        cmd = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *cmd]
+        (cgroup / "memory.max_usage_in_bytes").write_text("0")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{out}")
+    peak_cgroup = int((cgroup / "memory.max_usage_in_bytes").read_text()) if cgroup is not None else None
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    try:
+        result = json.loads(last)
+    except ValueError:
+        result = out
+    return result, usage.ru_maxrss * 1024, seconds, peak_cgroup
+
+
+def tile(cfg: BenchConfig) -> int:
+    """<data>/numpy_bitmap/<name>.npy holding cfg.rows rows each: the mirror's rows repeated. Bytes written."""
+    written = 0
+    for name in cfg.categories:
+        path = bitmap_path(cfg.data, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src = np.load(SHARED_DIR / "full" / "numpy_bitmap" / f"{name}.npy")
+        reps = -(-cfg.rows // len(src))
+        block = np.ascontiguousarray(np.tile(src, (min(reps, max(1, (64 << 20) // src.nbytes)), 1)))
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (cfg.rows, ROW)})
+            left = cfg.rows
+            while left:
+                part = block[:min(left, len(block))]
+                f.write(part.tobytes())
+                left -= len(part)
+            written += f.tell()
+    return written
+
+
+# ------------------------------------------------------------------------------------------ child measurements
+
+def child_seq(path: str) -> dict:
+    """One sequential pass over a file with large reads: the disk's speed."""
+    buf = bytearray(SEQ_READ)
+    n, t0 = 0, time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while got := f.readinto(buf):
+            n += got
+    return dict(bytes=n, seconds=time.perf_counter() - t0)
+
+
+def child_pack_reader(path: str, batch_size: int, seconds: float) -> dict:
+    """Whole epochs of the train split through PackedSplit.batches until `seconds` have passed."""
+    train = PackedSet.open(path).train
+    rows = batches = epochs = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for x, y in train.batches(batch_size, epoch=epochs):
+            rows += len(y)
+            batches += 1
+        epochs += 1
+    return dict(rows=rows, batches=batches, epochs=epochs, seconds=time.perf_counter() - t0,
+                pixel_bytes=rows * ROW)
+
+
+def child_mmap(data: str, categories: list[str], batch_size: int, seconds: float, seed: int) -> dict:
+    """The route without a pack: one memory map per category, a random (category, row) gather per batch."""
+    maps = [np.load(bitmap_path(data, name), mmap_mode="r") for name in categories]
+    sizes = np.array([len(m) for m in maps])
+    rng = np.random.default_rng(seed)
+    rows = batches = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        picks = rng.integers(0, sizes.sum(), batch_size)
+        cls = np.searchsorted(np.cumsum(sizes), picks, side="right")
+        within = picks - np.concatenate([[0], np.cumsum(sizes)])[cls]
+        images = np.empty((batch_size, ROW), np.uint8)
+        for c in np.unique(cls):
+            slots = np.flatnonzero(cls == c)
+            slots = slots[np.argsort(within[slots])]  # each file's rows read front to back
+            images[slots] = maps[c][within[slots]]
+        torch.from_numpy(images)
+        rows += batch_size
+        batches += 1
+    return dict(rows=rows, batches=batches, seconds=time.perf_counter() - t0, pixel_bytes=rows * ROW)
+
+
+def chi2_reject_rate(train, batch_size: int, n_batches: int, alpha: float = 0.01) -> dict:
+    """Share of batches whose label counts a chi-square test against the class shares rejects at alpha."""
+    shares = train.counts().double() / len(train)
+    df = torch.tensor((len(shares) - 1) / 2, dtype=torch.float64)
+    rejected, seen, epoch = 0, 0, 0
+    while seen < n_batches:
+        for _, y in train.batches(batch_size, epoch=epoch, drop_last=True):
+            expected = shares * len(y)
+            stat = ((torch.bincount(y, minlength=len(shares)).double() - expected) ** 2 / expected).sum()
+            rejected += bool(torch.special.gammaincc(df, stat / 2) < alpha)
+            seen += 1
+            if seen == n_batches:
+                break
+        epoch += 1
+    return dict(batches=seen, rejected=rejected, rate=rejected / seen, alpha=alpha)
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def run(cfg: BenchConfig) -> dict:
+    info = machine_info()
+    print(f"machine: {describe_machine(info)}")
+    data, out = Path(cfg.data), Path(cfg.data) / "packed" / "tiled"
+    need = 2.2 * len(cfg.categories) * cfg.rows * (ROW + 10)  # sources + pack, with room to spare
+    free = shutil.disk_usage(ROOT).free
+    if free < need + (5 << 30):
+        raise SystemExit(f"needs {need / 1e9:.1f} GB of disk and leaves 5 GB; {free / 1e9:.1f} GB free")
+    total = len(cfg.categories) * cfg.rows
+    print(f"tiling {len(cfg.categories)} mirror categories to {cfg.rows:,} drawings each ({total:,}, "
+          f"{total * ROW / 1e9:.2f} GB) into {data}")
+    tile(cfg)
+    shutil.rmtree(out, ignore_errors=True)
+    report = dict(machine=info, config=asdict(cfg), tiled=dict(
+        note="the mirror's real rows repeated in order to reach rows per category", drawings=total,
+        bytes=total * ROW))
+    tag = f"quickdraw_bench_{os.getpid()}"
+    pack_cg, read_cg = make_cgroup(tag + "_pack", cfg.pack_limit_mb), make_cgroup(tag + "_read", cfg.read_limit_mb)
+    report["cgroup"] = None if read_cg is None else dict(pack_limit_mb=cfg.pack_limit_mb or None,
+                                                         read_limit_mb=cfg.read_limit_mb)
+    if read_cg is None:
+        print("no memory cgroup could be made (not root, or no cgroup v1 memory controller): reads are not capped")
+    try:
+        _, base_rss, _, _ = run_child(["-c", "import utils.pack"], None)
+        report["import_baseline_rss_bytes"] = base_rss
+        dropped = drop_caches()
+        report["page_cache_dropped"] = dropped
+        if not dropped:
+            print("the page cache could not be dropped (not root): first reads may come from memory")
+        # 1. pack
+        result, rss, seconds, cg_peak = run_child(
+            ["-m", "utils.pack", "--categories", ",".join(cfg.categories), "--data", str(data), "--out", str(out),
+             "--seed", str(cfg.seed), "--no-download", "--no-progress"], pack_cg)
+        ps = PackedSet.open(out)
+        pack_bytes = sum(f["bytes"] for f in ps.manifest["files"].values())
+        report["pack"] = dict(seconds=seconds, bytes=pack_bytes, mb_per_s=pack_bytes / 1e6 / seconds,
+                              drawings_per_s=total / seconds, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak,
+                              cgroup_limit_mb=cfg.pack_limit_mb or None, phases=ps.manifest["seconds"])
+        print(f"pack: {total:,} drawings, {pack_bytes / 1e9:.2f} GB in {seconds:.1f} s ({pack_bytes / 1e6 / seconds:.0f} "
+              f"MB/s written; sources hashed in {ps.manifest['seconds']['hash_sources']:.1f} s), peak RSS "
+              f"{rss / 2**20:.0f} MiB ({(rss - base_rss) / 2**20:.0f} MiB above importing it)" +
+              (f", in a cgroup capped at {cfg.pack_limit_mb} MiB" if pack_cg else ""))
+        train_file = out / "train.images.npy"
+        train_bytes = train_file.stat().st_size
+        # 2. the disk
+        drop_caches()
+        seq, rss, _, _ = run_child(["-m", "benchmarks.bench_scale", "--child", "seq", str(train_file)], read_cg)
+        seq_mb = seq["bytes"] / 1e6 / seq["seconds"]
+        report["disk_sequential"] = dict(seq, mb_per_s=seq_mb, drawings_per_s=seq["bytes"] / ROW / seq["seconds"])
+        print(f"disk: one sequential read of {train_file.name} ({train_bytes / 1e9:.2f} GB): {seq_mb:.0f} MB/s "
+              f"({seq['bytes'] / ROW / seq['seconds']:,.0f} drawings/s)")
+        # 3. pack reader, 4. per-category maps
+        for key, args in (
+                ("pack_reader", ["--child", "read", str(out)]),
+                ("category_mmap", ["--child", "mmap", str(data), ",".join(cfg.categories)])):
+            drop_caches()
+            r, rss, _, cg_peak = run_child(["-m", "benchmarks.bench_scale", *args, "--batch-size",
+                                            str(cfg.batch_size), "--seconds", str(cfg.seconds)], read_cg)
+            mb = r["pixel_bytes"] / 1e6 / r["seconds"]
+            report[key] = dict(r, drawings_per_s=r["rows"] / r["seconds"], mb_per_s=mb,
+                               share_of_sequential=mb / seq_mb, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak)
+            epochs = f", {r['epochs']} epochs" if "epochs" in r else ""
+            print(f"{key}: {r['rows']:,} drawings in {r['seconds']:.1f} s{epochs}: {r['rows'] / r['seconds']:,.0f} "
+                  f"drawings/s, {mb:.0f} MB/s = {mb / seq_mb:.0%} of sequential; peak RSS {rss / 2**20:.0f} MiB"
+                  + (f", cgroup peak {cg_peak / 2**20:.0f} MiB of {cfg.read_limit_mb}" if cg_peak else ""))
+        # The same reader with the split in the page cache and no cap: what it costs in CPU alone.
+        child_seq(str(train_file))
+        r, rss, _, _ = run_child(["-m", "benchmarks.bench_scale", "--child", "read", str(out), "--batch-size",
+                                  str(cfg.batch_size), "--seconds", str(cfg.seconds)], None)
+        mb = r["pixel_bytes"] / 1e6 / r["seconds"]
+        report["pack_reader_cached"] = dict(r, drawings_per_s=r["rows"] / r["seconds"], mb_per_s=mb, peak_rss_bytes=rss)
+        print(f"pack_reader from the page cache, no cap: {r['rows'] / r['seconds']:,.0f} drawings/s, {mb:.0f} MB/s")
+        report["pack_reader"]["target_share"] = 0.7
+        report["pack_reader"]["meets_target"] = report["pack_reader"]["share_of_sequential"] >= 0.7
+        # 5. class mixing
+        mix = chi2_reject_rate(ps.train, cfg.batch_size, cfg.mix_batches)
+        mix["meets_target"] = mix["rate"] <= 0.02
+        report["class_mixing"] = mix
+        print(f"class mixing: {mix['rejected']} of {mix['batches']} batches of {cfg.batch_size} rejected by a "
+              f"chi-square test at the 1% level ({mix['rate']:.1%}; target at most 2%)")
+    finally:
+        for cg in (pack_cg, read_cg):
+            if cg is not None:
+                cg.rmdir()
+        if not cfg.keep:
+            shutil.rmtree(data, ignore_errors=True)
+    write_json(ROOT / "reports" / "bench_scale.json", report, indent=1)
+    print(f"wrote reports/bench_scale.json{'' if cfg.keep else f'; deleted {data}'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # seq FILE | read PACK | mmap DATA NAMES
+    p.add_argument("--rows", type=int, default=d.rows)
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seconds", type=float, default=d.seconds)
+    p.add_argument("--pack-limit-mb", type=int, default=d.pack_limit_mb)
+    p.add_argument("--read-limit-mb", type=int, default=d.read_limit_mb)
+    p.add_argument("--mix-batches", type=int, default=d.mix_batches)
+    p.add_argument("--keep", action="store_true", help="keep the tiled sources and the pack")
+    args = p.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "seq":
+            result = child_seq(rest[0])
+        elif kind == "read":
+            result = child_pack_reader(rest[0], args.batch_size, args.seconds)
+        else:
+            result = child_mmap(rest[0], rest[1].split(","), args.batch_size, args.seconds, args.seed)
+        print(json.dumps(dict(result, peak_rss_self=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+        return
+    run(BenchConfig(rows=args.rows, data=args.data, seed=args.seed, batch_size=args.batch_size, seconds=args.seconds,
+                    pack_limit_mb=args.pack_limit_mb, read_limit_mb=args.read_limit_mb,
+                    mix_batches=args.mix_batches, keep=args.keep))
+
+
+if __name__ == "__main__":
+    main()
