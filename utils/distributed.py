@@ -67,7 +67,12 @@ def init(device: str | torch.device = "auto") -> Group:
         raise ValueError(f"distributed training runs on CUDA (nccl) or the CPU (gloo), not {chosen.type}: "
                          f"pass --device cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=TIMEOUT,
+        # The agent's store outlives a restart (--max-restarts) and still holds the dead workers' addresses:
+        # each attempt keeps its keys apart, or a new rank may dial a dead peer.
+        store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, timeout=TIMEOUT,
                                 device_id=chosen if chosen.type == "cuda" else None)
     return Group(rank, world_size, local_rank, chosen)
 
