@@ -259,3 +259,20 @@ def test_scores_from_memory_and_from_the_pack_agree(tiny_pack):
     single = evaluate_model(model, ps.val.load())
     assert packed["confusion"] == mem["confusion"] == single["confusion"]
     assert packed["top3"] == single["top3"] and packed["map3"] == pytest.approx(single["map3"])
+
+
+def test_a_resume_from_other_data_is_refused_and_a_moved_pack_is_not(tmp_path):
+    from utils.models import build_model
+    from utils.train import fit
+    images = torch.from_numpy(np.concatenate([shapes(40, k, seed=1) for k in range(3)])).view(-1, 28, 28)
+    data = QuickDrawSet(images, torch.arange(120) // 40, NAMES)
+    config = TrainConfig(model="v1", epochs=1, batch_size=16, progress=False, num_threads=1, bf16=False,
+                         channels_last=False)
+    source = dict(packed="/a/pack", seed=0, manifest_sha256="ab" * 32)
+    out = tmp_path / "m.pt"
+    fit(build_model("v1", 3), data, data, config, out=out, source=source)
+    moved = fit(build_model("v1", 3), data, data, config, out=out, resume=True, source=dict(source, packed="/b/pack"))
+    assert moved["data"] == source  # the run as saved: finished, nothing trained
+    with pytest.raises(ValueError, match="from other data"):
+        fit(build_model("v1", 3), data, data, config, out=out, resume=True,
+            source=dict(source, manifest_sha256="cd" * 32))

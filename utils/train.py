@@ -523,6 +523,14 @@ def _budget_planner(config: TrainConfig, model: nn.Module, val: QuickDrawSet, de
     return plan
 
 
+def _same_data(saved: dict | None, source: dict | None) -> bool:
+    """Whether a run may resume on `source`: the same pack contents and seed wherever it now lies, or the same
+    categories and split (nothing recorded on either side: not checked)."""
+    if saved is None or source is None:
+        return True
+    return {k: v for k, v in saved.items() if k != "packed"} == {k: v for k, v in source.items() if k != "packed"}
+
+
 def _fit(model: nn.Module, train, val, config: TrainConfig, out: Path | None, resume: bool,
          group: distributed.Group, source: dict | None) -> dict:
     device = group.device
@@ -532,7 +540,7 @@ def _fit(model: nn.Module, train, val, config: TrainConfig, out: Path | None, re
     if resume:
         last = read_checkpoint(last_path(out))
         _check_resumable(last["config"], config, last_path(out))
-        if source is not None and last["history"].get("data") not in (None, source):
+        if not _same_data(last["history"].get("data"), source):
             raise ValueError(f"cannot resume {last_path(out)} from other data: it trained on "
                              f"{last['history']['data']}, this run reads {source}")
         history, since_best = last["history"], last["since_best"]
