@@ -276,3 +276,12 @@ def test_a_resume_from_other_data_is_refused_and_a_moved_pack_is_not(tmp_path):
     with pytest.raises(ValueError, match="from other data"):
         fit(build_model("v1", 3), data, data, config, out=out, resume=True,
             source=dict(source, manifest_sha256="cd" * 32))
+
+
+def test_the_command_names_flags_a_pack_fixes(tiny_pack, capsys):
+    from utils.train import parse_args
+    for argv, named in ((["--packed", str(tiny_pack), "--max-per-class", "10"], "--max-per-class"),
+                        (["--packed", str(tiny_pack), "--categories", "cat"], "not both"), ([], "--packed")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert named in capsys.readouterr().err

@@ -730,6 +730,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.categories) == bool(args.packed):
         p.error("give --categories (bitmaps, loaded into memory) or --packed (a pack, streamed), not both")
+    fixed = [flag for flag, value in (("--max-per-class", args.max_per_class), ("--split-seed", args.split_seed),
+                                      ("--base-url", args.base_url)) if args.packed and value is not None]
+    if fixed:
+        p.error(f"{', '.join(fixed)} cannot apply to --packed: the pack fixed its drawings and split when it was "
+                f"made (python -m utils.pack)")
     return args
 
 
