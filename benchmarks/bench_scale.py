@@ -69,6 +69,7 @@ class BenchConfig:
     recipe: str = "v2-tuned"      # --torchrun: the recipe both runs train
     global_batch: int = 256       # --torchrun: the recipe's batch, split over the ranks
     dry_run: bool = False         # --torchrun: two batches an epoch (a check of the plumbing, not a figure)
+    epochs: int | None = None     # --torchrun: fewer epochs than the recipe's (the one-cycle schedule shortened)
 
 
 # ------------------------------------------------------------------------------------------ machinery
@@ -318,7 +319,7 @@ def compare_torchrun(cfg: BenchConfig) -> dict:
         print(f"packed {len(ps.classes)} categories whole from the mirror in {seconds:.1f} s: "
               + ", ".join(f"{k} {v:,}" for k, v in ps.manifest["rows"].items()))
         common = ["--recipe", cfg.recipe, "--packed", str(out), "--seed", str(cfg.seed), "--device", "cpu",
-                  "--no-progress"] + ["--dry-run"] * cfg.dry_run
+                  "--no-progress"] + ["--dry-run"] * cfg.dry_run + (["--epochs", str(cfg.epochs)] if cfg.epochs else [])
         ranks = 2
         runs = {
             "one_process_2_threads": ["-m", "utils.train", *common, "--batch-size", str(cfg.global_batch),
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", default=d.recipe)
     p.add_argument("--global-batch", type=int, default=d.global_batch)
     p.add_argument("--dry-run", action="store_true", help="--torchrun: two batches an epoch, a quick check")
+    p.add_argument("--epochs", type=int, help="--torchrun: train this many epochs instead of the recipe's")
     args = p.parse_args(argv)
     if args.child:
         kind, *rest = args.child
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BenchConfig(rows=args.rows, data=args.data, seed=args.seed, batch_size=args.batch_size, seconds=args.seconds,
                       pack_limit_mb=args.pack_limit_mb, read_limit_mb=args.read_limit_mb,
                       mix_batches=args.mix_batches, keep=args.keep, recipe=args.recipe, global_batch=args.global_batch,
-                      dry_run=args.dry_run)
+                      dry_run=args.dry_run, epochs=args.epochs)
     (compare_torchrun if args.torchrun else run)(cfg)
 
 
