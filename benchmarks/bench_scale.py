@@ -13,11 +13,16 @@ The 17 bitmap categories of the local mirror (../shared/quickdraw) are tiled to 
   4. per-category memory maps: np.load(mmap_mode="r") per category and a random gather per batch (the route
      without a pack), same cap and duration;
   5. class mixing: a chi-square test of each of 1,000 batches' label counts against the class shares.
+With --torchrun, only the distributed comparison instead (reports/bench_scale_torchrun.json): the 17 categories
+packed whole from the mirror, then `v2-tuned` trained from the pack twice with the same global batch (256) and
+seed: one process with 2 threads, and torchrun with 2 processes (gloo, 1 thread each, 128 drawings per rank and
+--lr-batch 256, so the same rate): images/s of both, and val and test top-1 (target: within 0.5 points).
 Caps use the cgroup v1 memory controller (/sys/fs/cgroup/memory, needs root); the page cache is dropped with
 /proc/sys/vm/drop_caches (root). Either missing is said in the printout and the report. Large files are deleted
 at the end unless --keep. Writes reports/bench_scale.json.
 
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale
+    flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale --torchrun
     .venv/bin/python -m benchmarks.bench_scale --rows 20000 --seconds 2     # a quick check
 """
 from __future__ import annotations
@@ -61,6 +66,10 @@ class BenchConfig:
     read_limit_mb: int = 1024     # memory cgroup cap of the reading processes (less than the train split)
     mix_batches: int = 1000
     keep: bool = False
+    recipe: str = "v2-tuned"      # --torchrun: the recipe both runs train
+    global_batch: int = 256       # --torchrun: the recipe's batch, split over the ranks
+    dry_run: bool = False         # --torchrun: two batches an epoch (a check of the plumbing, not a figure)
+    epochs: int | None = None     # --torchrun: fewer epochs than the recipe's (the one-cycle schedule shortened)
 
 
 # ------------------------------------------------------------------------------------------ machinery
@@ -292,6 +301,59 @@ def run(cfg: BenchConfig) -> dict:
     return report
 
 
+def compare_torchrun(cfg: BenchConfig) -> dict:
+    """One process with 2 threads against torchrun with 2 single-thread processes: one recipe, seed, pack and
+    global batch; each run a fresh command line, its JSON line read back."""
+    info = machine_info()
+    print(f"machine: {describe_machine(info)}")
+    data = Path(cfg.data) / "torchrun"
+    out, models = data / "packed" / "mirror", data / "models"
+    names = ",".join(cfg.categories)
+    report = dict(machine=info, config=asdict(cfg))
+    try:
+        _, rss, seconds, _ = run_child(["-m", "utils.pack", "--categories", names, "--base-url", str(SHARED_DIR),
+                                        "--data", str(data / "bitmaps"), "--out", str(out), "--seed", str(cfg.seed),
+                                        "--no-progress"], None)
+        ps = PackedSet.open(out)
+        report["pack"] = dict(seconds=seconds, peak_rss_bytes=rss, rows=ps.manifest["rows"], classes=len(ps.classes))
+        print(f"packed {len(ps.classes)} categories whole from the mirror in {seconds:.1f} s: "
+              + ", ".join(f"{k} {v:,}" for k, v in ps.manifest["rows"].items()))
+        common = ["--recipe", cfg.recipe, "--packed", str(out), "--seed", str(cfg.seed), "--device", "cpu",
+                  "--no-progress"] + ["--dry-run"] * cfg.dry_run + (["--epochs", str(cfg.epochs)] if cfg.epochs else [])
+        ranks = 2
+        runs = {
+            "one_process_2_threads": ["-m", "utils.train", *common, "--batch-size", str(cfg.global_batch),
+                                      "--num-threads", "2", "--out", str(models / "single.pt")],
+            "torchrun_2_processes_1_thread": [
+                "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "utils.train",
+                *common, "--batch-size", str(cfg.global_batch // ranks), "--lr-batch", str(cfg.global_batch),
+                "--num-threads", "1", "--out", str(models / "ddp.pt")],
+        }
+        for key, args in runs.items():
+            result, rss, seconds, _ = run_child(args, None)
+            report[key] = dict(command=" ".join(args[1:] if args[0] == "-m" else args), wall_seconds=seconds,
+                               peak_rss_bytes_largest_child=rss, **{k: result[k] for k in (
+                                   "val", "test", "train_images_per_s", "train_seconds", "epochs", "precision",
+                                   "distributed", "sizes")})
+            print(f"{key}: {result['train_images_per_s']:,.0f} images/s ({result['train_seconds']:.0f} s training, "
+                  f"{seconds:.0f} s in all, {result['precision']['precision']}, global batch "
+                  f"{result['distributed']['global_batch']}, lr {result['distributed']['lr']:g}); val top-1 "
+                  f"{result['val']['top1']:.2%}, test top-1 {result['test']['top1']:.2%}")
+        a, b = (report[k] for k in runs)
+        report["difference_points"] = {s: 100 * (b[s]["top1"] - a[s]["top1"]) for s in ("val", "test")}
+        report["within_half_a_point"] = all(abs(d) <= 0.5 for d in report["difference_points"].values())
+        report["speed_ratio"] = b["train_images_per_s"] / a["train_images_per_s"]
+        print(f"torchrun / one process: {report['speed_ratio']:.2f}x images/s; top-1 differences (points): "
+              + ", ".join(f"{k} {v:+.2f}" for k, v in report["difference_points"].items())
+              + f" ({'within' if report['within_half_a_point'] else 'NOT within'} 0.5)")
+    finally:
+        if not cfg.keep:
+            shutil.rmtree(data, ignore_errors=True)
+    write_json(ROOT / "reports" / "bench_scale_torchrun.json", report, indent=1)
+    print("wrote reports/bench_scale_torchrun.json")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -305,6 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--read-limit-mb", type=int, default=d.read_limit_mb)
     p.add_argument("--mix-batches", type=int, default=d.mix_batches)
     p.add_argument("--keep", action="store_true", help="keep the tiled sources and the pack")
+    p.add_argument("--torchrun", action="store_true", help="only the distributed comparison (see above)")
+    p.add_argument("--recipe", default=d.recipe)
+    p.add_argument("--global-batch", type=int, default=d.global_batch)
+    p.add_argument("--dry-run", action="store_true", help="--torchrun: two batches an epoch, a quick check")
+    p.add_argument("--epochs", type=int, help="--torchrun: train this many epochs instead of the recipe's")
     args = p.parse_args(argv)
     if args.child:
         kind, *rest = args.child
@@ -316,9 +383,11 @@ def main(argv: list[str] | None = None) -> None:
             result = child_mmap(rest[0], rest[1].split(","), args.batch_size, args.seconds, args.seed)
         print(json.dumps(dict(result, peak_rss_self=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
         return
-    run(BenchConfig(rows=args.rows, data=args.data, seed=args.seed, batch_size=args.batch_size, seconds=args.seconds,
-                    pack_limit_mb=args.pack_limit_mb, read_limit_mb=args.read_limit_mb,
-                    mix_batches=args.mix_batches, keep=args.keep))
+    cfg = BenchConfig(rows=args.rows, data=args.data, seed=args.seed, batch_size=args.batch_size, seconds=args.seconds,
+                      pack_limit_mb=args.pack_limit_mb, read_limit_mb=args.read_limit_mb,
+                      mix_batches=args.mix_batches, keep=args.keep, recipe=args.recipe, global_batch=args.global_batch,
+                      dry_run=args.dry_run, epochs=args.epochs)
+    (compare_torchrun if args.torchrun else run)(cfg)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
     python -m utils.train --model v2 --categories cat "alarm clock" --max-per-class 5000 --epochs 10 \
         --augment none --data data --out models/v2.pt
+    python -m utils.train --recipe v2-tuned --packed data/packed/all-100k --out models/all.pt   # from a pack
+    torchrun --standalone --nproc_per_node 2 -m utils.train --recipe v2-tuned --packed ...       # DDP, 2 ranks
 
-The command's last line on stdout is one JSON object with the validation and test scores.
+The command's last line on stdout is one JSON object with the validation and test scores. Under torchrun
+--batch-size is per rank: the global batch is K times it, and the rate is scaled for it (see TrainConfig.lr_batch).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -23,15 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import numpy as np
+from torch.nn.parallel import DistributedDataParallel
+
+from utils import distributed
 from utils.augment import RandomAugment, xl_augment
 from utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, save_state  # noqa: F401
-from utils.data import QuickDrawSet, iterate_batches, load_bitmaps, split, to_float
+from utils.data import SIDE, QuickDrawSet, iterate_batches, load_bitmaps, split, to_float
 from utils.device import pick_device, set_seed  # noqa: F401  (re-exported for callers of utils.train)
 from utils.categories import resolve_categories
 from utils.download import download_bitmaps
 from utils.io import write_json
-from utils.metrics import evaluate_model, predict_logits
+from utils.metrics import predict_logits
 from utils.models import MODELS, build_model, count_parameters
+from utils.pack import PackedSet, PackedSplit, device_batches, shard
 
 AUGMENTS = ("none", "xl", "online")
 POSTFIX_SECONDS = 0.5  # how often the progress bar's loss and accuracy are refreshed
@@ -45,7 +54,10 @@ class TrainConfig:
     model: str = "v2"
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3                 # the peak rate for onecycle
+    lr: float = 1e-3                 # the peak rate for onecycle, for a global batch of lr_batch
+    # The global batch is batch_size (per rank) x the number of ranks; the rate is scaled from lr_batch to it:
+    # linearly for sgd, by the square root for adam/adamw. None: lr_batch = batch_size (one process: no change).
+    lr_batch: int | None = None
     optimizer: str = "adam"          # adam | adamw | sgd (with Nesterov momentum)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.0
@@ -176,15 +188,76 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen
 
 
-def evaluate(model: nn.Module, ds: QuickDrawSet, device: torch.device, batch_size: int = 1024,
-             bf16: bool = False, label_smoothing: float = 0.0) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) on the whole of ds, in eval mode.
+def evaluate(model: nn.Module, ds: QuickDrawSet | PackedSplit, device: torch.device, batch_size: int = 1024,
+             bf16: bool = False, label_smoothing: float = 0.0, group: distributed.Group | None = None
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) on the whole of ds, in eval mode, streamed; under torchrun each rank
+    scores its shard and the tallies are summed.
 
     The loss is the training objective (same label smoothing), so early stopping watches what is optimized.
     """
-    logits = predict_logits(model, ds.images, batch_size=batch_size, device=device, bf16=bf16)
-    loss = F.cross_entropy(logits, ds.labels, label_smoothing=label_smoothing)
-    return loss.item(), (logits.argmax(1) == ds.labels).float().mean().item()
+    scores = score_split(model, ds, device, batch_size, bf16, label_smoothing, group)
+    return scores["loss"], scores["top1"]
+
+
+def score_split(model: nn.Module, ds: QuickDrawSet | PackedSplit, device: torch.device, batch_size: int = 1024,
+                bf16: bool = False, label_smoothing: float = 0.0, group: distributed.Group | None = None) -> dict:
+    """Every score of utils.metrics.evaluate_model (and the mean loss) on the whole split, streamed: each rank
+    scores its contiguous shard, and the tallies summed over ranks are those of one process."""
+    group = group or distributed.Group(device=device)
+    sums = distributed.score_sums(model, eval_batches(ds, batch_size, group), len(ds.classes), device, bf16,
+                                  label_smoothing)
+    return distributed.finish_scores(distributed.sum_all(sums, group), len(ds.classes))
+
+
+# ------------------------------------------------------------------------------- data: in memory or packed
+
+def eval_batches(ds: QuickDrawSet | PackedSplit, batch_size: int, group: distributed.Group):
+    """Rank's contiguous shard of ds in stored order, as uint8 batches (x (B,28,28), y (B,)) on the CPU."""
+    if isinstance(ds, PackedSplit):
+        yield from ds.ordered(batch_size, group.rank, group.world_size)
+        return
+    start, stop = shard(len(ds), group.rank, group.world_size)
+    for a in range(start, stop, batch_size):
+        b = min(a + batch_size, stop)
+        yield ds.images[a:b], ds.labels[a:b]
+
+
+def epoch_batches(train: QuickDrawSet | PackedSplit, config: TrainConfig, epoch: int, group: distributed.Group,
+                  transform=None):
+    """Rank's disjoint share of one epoch as float batches on the device. The order depends on (seed, epoch)
+    only, so a resumed run sees the same batches; every rank gets the same number of batches."""
+    if isinstance(train, PackedSplit):  # blocks in a fresh order, rows shuffled within a buffer
+        return device_batches(train.batches(config.batch_size, epoch=epoch, seed=config.seed, rank=group.rank,
+                                            world_size=group.world_size), group.device, transform)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch))
+    per_rank = len(train) // group.world_size
+    return iterate_batches(train.images, train.labels, config.batch_size, shuffle=False, device=group.device,
+                           transform=transform, index=order[group.rank * per_rank:(group.rank + 1) * per_rank])
+
+
+def batches_per_epoch(train: QuickDrawSet | PackedSplit, batch_size: int, group: distributed.Group) -> int:
+    if isinstance(train, PackedSplit):
+        return train.num_batches(batch_size, group.world_size)
+    return -(-(len(train) // group.world_size) // batch_size)
+
+
+def head(ds: QuickDrawSet | PackedSplit, n: int) -> QuickDrawSet:
+    """The first n drawings of ds in memory (what precision and budget timing run on)."""
+    if isinstance(ds, QuickDrawSet):
+        return ds.subset(torch.arange(min(n, len(ds))))
+    images = torch.from_numpy(np.array(ds.images[:n])).view(-1, SIDE, SIDE)
+    return QuickDrawSet(images, torch.from_numpy(ds.labels[:n].astype(np.int64)), ds.classes)
+
+
+@dataclass
+class _Probe:
+    """What the budget planner times validation on: the first drawings, and how many this rank scores."""
+    images: torch.Tensor
+    rows: int
+
+    def __len__(self) -> int:
+        return self.rows
 
 
 # ------------------------------------------------------------------------------- precision by measurement
@@ -363,8 +436,9 @@ class SizedSchedule:
             self.inner.load_state_dict(state)
 
 
-def fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainConfig, out: Path | None = None,
-        resume: bool = False, device: torch.device | None = None) -> dict:
+def fit(model: nn.Module, train: QuickDrawSet | PackedSplit, val: QuickDrawSet | PackedSplit, config: TrainConfig,
+        out: Path | None = None, resume: bool = False, device: torch.device | None = None,
+        group: distributed.Group | None = None, source: dict | None = None) -> dict:
     """Train on `train` (augmented here if config.augment says so), keep the epoch with the lowest validation
     loss, stop after config.patience epochs without one. Returns the history.
 
@@ -381,14 +455,25 @@ def fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainC
 
     fit seeds its batch order and augmentation from config.seed; callers call set_seed(config.seed)
     before building the model, so that its initial weights repeat too.
+
+    train and val are in memory (QuickDrawSet) or splits of a pack (PackedSplit, streamed in bounded memory).
+    group (utils.distributed.init()): under torchrun, the model trains with DistributedDataParallel, each rank on
+    its disjoint share of every epoch; precision and budget are decided on rank 0 and shared, and only rank 0
+    writes. source (e.g. the pack's path and manifest checksum) is kept in history["data"]; resuming from
+    another source is refused.
     """
     if resume and out is None:
         raise ValueError("resume=True needs the checkpoint path `out`")
+    if config.augment == "xl" and isinstance(train, PackedSplit):
+        raise ValueError("--augment xl makes five in-memory copies of the training split, which a pack is meant "
+                         "never to need: with --packed use --augment online (a random turn, flips, zoom and shift "
+                         "per batch, made on the device)")
     threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _fit(model, train, val, config, out, resume, device or pick_device(config.device))
+        group = group or distributed.Group(device=device or pick_device(config.device))
+        return _fit(model, train, val, config, out, resume, group, source)
     finally:
         torch.set_num_threads(threads)  # the setting is process-wide: leave it as found
 
@@ -413,9 +498,10 @@ def resolved(config: TrainConfig, history: dict) -> TrainConfig:
 
 
 def _budget_planner(config: TrainConfig, model: nn.Module, val: QuickDrawSet, device: torch.device, t_fit: float,
-                    steps: int, history: dict, dtype):
+                    steps: int, history: dict, dtype, decide=lambda budget: budget):
     """plan(batches done) for SizedSchedule: None until enough batches of the first epoch are timed, then the
-    schedule's length in batches, with the plan recorded in history["budget"]."""
+    schedule's length in batches, with the plan recorded in history["budget"]. decide(plan) -> the plan kept
+    (under torchrun: rank 0's, on every rank, so that all run the same schedule)."""
     measure_at = min(steps, max(3, steps // 10))  # about 10% of the first epoch
     marks = {}
 
@@ -435,7 +521,8 @@ def _budget_planner(config: TrainConfig, model: nn.Module, val: QuickDrawSet, de
                                  batch_seconds=batch_s, val_seconds=val_s, measured_after_batches=done,
                                  planned_seconds=elapsed + (epochs * steps - done) * batch_s + epochs * val_s)
         history["budget"]["label"] = describe_budget(history["budget"])
-        return epochs * steps
+        history["budget"] = decide(history["budget"])
+        return history["budget"]["epochs"] * steps
 
     return plan
 
@@ -458,13 +545,26 @@ def _shorten_if_late(history: dict, done: int, epochs: int, config: TrainConfig,
     return kept
 
 
-def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainConfig, out: Path | None,
-         resume: bool, device: torch.device) -> dict:
+def _same_data(saved: dict | None, source: dict | None) -> bool:
+    """Whether a run may resume on `source`: the same pack contents and seed wherever it now lies, or the same
+    categories and split (nothing recorded on either side: not checked)."""
+    if saved is None or source is None:
+        return True
+    return {k: v for k, v in saved.items() if k != "packed"} == {k: v for k, v in source.items() if k != "packed"}
+
+
+def _fit(model: nn.Module, train, val, config: TrainConfig, out: Path | None, resume: bool,
+         group: distributed.Group, source: dict | None) -> dict:
+    device = group.device
     history, best_state, since_best, last = _new_history(), None, 0, None
+    history["data"] = source
     t_fit = CLOCK()
     if resume:
         last = read_checkpoint(last_path(out))
         _check_resumable(last["config"], config, last_path(out))
+        if not _same_data(last["history"].get("data"), source):
+            raise ValueError(f"cannot resume {last_path(out)} from other data: it trained on "
+                             f"{last['history']['data']}, this run reads {source}")
         history, since_best = last["history"], last["since_best"]
         best_state = read_checkpoint(out)["state_dict"] if Path(out).is_file() else None
         t_fit -= history["fit_seconds"]
@@ -475,9 +575,10 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
             model.load_state_dict(best_state)
         return history
     model.to(device)
-    if history.get("precision") is None:
-        history["precision"] = choose_precision(model, train, config, device)
-        if history["precision"]["how"] == "measured":
+    if history.get("precision") is None:  # decided on rank 0: every rank must run the same arithmetic
+        choice = choose_precision(model, head(train, config.batch_size), config, device) if group.main else None
+        history["precision"] = distributed.share(choice, group)
+        if history["precision"]["how"] == "measured" and group.main:
             print(f"precision: {describe_precision(history['precision'])}", file=sys.stderr, flush=True)
     config = resolved(config, history)
     dtype = amp_dtype(device, config.bf16)
@@ -490,13 +591,23 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
         augment = RandomAugment(config.aug_degrees, config.aug_hflip, config.aug_vflip, config.aug_scale, config.aug_shift)
         transform = partial(augment, generator=torch.Generator(device).manual_seed(config.seed))
 
-    steps = 2 if config.dry_run else -(-len(train) // config.batch_size)
-    optimizer = make_optimizer(model, config)
+    steps = 2 if config.dry_run else batches_per_epoch(train, config.batch_size, group)
+    global_batch = config.batch_size * group.world_size
+    lr = distributed.scale_lr(config.lr, config.optimizer, global_batch, config.lr_batch or config.batch_size)
+    history["distributed"] = dict(world_size=group.world_size, global_batch=global_batch, lr=lr,
+                                  backend=torch.distributed.get_backend() if group.active else None)
+    run_config = dataclasses.replace(config, lr=lr)  # what the optimizer and schedule use; config is what is saved
+    optimizer = make_optimizer(model, run_config)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     plan = None
     if config.max_minutes and last is None:
-        plan = _budget_planner(config, model, val, device, t_fit, steps, history, dtype)
-    scheduler = SizedSchedule(partial(make_scheduler, optimizer, config), steps * epochs, plan)
+        probe = _Probe(head(val, config.eval_batch_size).images, -(-len(val) // group.world_size))
+        plan = _budget_planner(config, model, probe, device, t_fit, steps, history, dtype,
+                               decide=partial(distributed.share, group=group))
+    scheduler = SizedSchedule(partial(make_scheduler, optimizer, run_config), steps * epochs, plan)
+    net = model
+    if group.active:  # gradients averaged over ranks in the backward pass
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if last is not None:  # interrupted: carry on
         model.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
@@ -510,21 +621,25 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
     epoch = len(history["train_loss"])
     while epoch < epochs:
         t0 = CLOCK()
-        # The batch order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        batches = iterate_batches(train.images, train.labels, config.batch_size, shuffle=True, device=device,
-                                  generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch),
-                                  transform=transform)
+        if transform is not None:  # augmentation draws by (seed, epoch, rank): the same after a resume
+            transform.keywords["generator"].manual_seed((config.seed * 10_007 + epoch) * 1_009 + group.rank)
+        batches = epoch_batches(train, config, epoch, group, transform)
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                  disable=not config.progress, file=sys.stderr) as bar:
+                  disable=not config.progress or not group.main, file=sys.stderr) as bar:
             lr = optimizer.param_groups[0]["lr"]
-            loss, acc, seen = train_one_epoch(model, batches, optimizer, device, scheduler, config.label_smoothing,
+            loss, acc, seen = train_one_epoch(net, batches, optimizer, device, scheduler, config.label_smoothing,
                                               dtype, config.channels_last, 2 if config.dry_run else None, bar, scaler)
+            if group.active:  # the epoch's figures over all ranks
+                tally = distributed.sum_all(dict(loss=torch.tensor(loss * seen, dtype=torch.float64),
+                                                 correct=torch.tensor(round(acc * seen)), seen=torch.tensor(seen)), group)
+                seen = int(tally["seen"])
+                loss, acc = float(tally["loss"]) / max(seen, 1), int(tally["correct"]) / max(seen, 1)
             t_train = CLOCK() - t0
             val_loss, val_acc = evaluate(model, val, device, config.eval_batch_size, dtype is not None,
-                                         config.label_smoothing)
+                                         config.label_smoothing, group)
         if history["budget"] and epochs != history["budget"]["epochs"]:
             epochs = history["budget"]["epochs"]  # sized during this (the first) epoch
-            if config.progress:
+            if config.progress and group.main:
                 tqdm.write(f"budget: {history['budget']['label']} (of at most {config.epochs})", file=sys.stderr)
         seconds = CLOCK() - t0
         for key, value in (("train_loss", loss), ("train_acc", acc), ("val_loss", val_loss), ("val_acc", val_acc),
@@ -540,24 +655,28 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
             best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
         else:
             since_best += 1
-        if config.progress:
+        if config.progress and group.main:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f} acc {acc:.2%} | val loss {val_loss:.4f} "
                        f"acc {val_acc:.2%} | {seconds:.1f} s, {seen / t_train:.0f} img/s{' *' if improved else ''}",
                        file=sys.stderr)
         if history["budget"] and epoch + 1 < epochs:
+            # rank 0's clock decides, so that every rank keeps running the same schedule
+            late = distributed.share((history["epoch_seconds"], history["fit_seconds"]), group)
+            history["epoch_seconds"], history["fit_seconds"] = list(late[0]), late[1]
             epochs = _shorten_if_late(history, epoch + 1, epochs, config, scheduler, steps)
         stop = config.patience and since_best >= config.patience
         if stop:
             history["stopped"] = "early_stopping"
-        if out is not None:
+        if out is not None and group.main:
             _save_progress(out, model, best_state if improved else None, train.classes, config, history, optimizer,
                            scheduler, since_best, transform, scaler)
+        distributed.barrier(group)  # no rank runs ahead of the checkpoint a restart resumes from
         epoch += 1
         if stop:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    if out is not None:
+    if out is not None and group.main:
         write_json(history_path(out), history, indent=1)
     return history
 
@@ -580,16 +699,20 @@ def _save_progress(out, model, best_state, classes, config, history, optimizer, 
 # --------------------------------------------------------------------------------------------- command line
 
 def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str], history: dict,
-                   device: torch.device | None = None, **splits: QuickDrawSet) -> tuple[dict, dict]:
-    """Score the model on each whole split (on `device`: the one it trained on) and re-save its checkpoint
-    with those scores. Returns (full scores per split, as evaluate_model gives them; the summary stored in
-    the checkpoint).
+                   device: torch.device | None = None, group: distributed.Group | None = None,
+                   **splits: QuickDrawSet | PackedSplit) -> tuple[dict, dict]:
+    """Score the model on each whole split (on `device`: the one it trained on; streamed, each rank its shard
+    under torchrun) and re-save its checkpoint with those scores (rank 0). Returns (full scores per split, as
+    evaluate_model gives them, plus the mean loss; the summary stored in the checkpoint).
     """
-    device = device or pick_device(config.device)
+    group = group or distributed.Group(device=device or pick_device(config.device))
     config = resolved(config, history)
-    scores = {name: evaluate_model(model, part, device, config.eval_batch_size) for name, part in splits.items()}
+    model.to(group.device)
+    scores = {name: score_split(model, part, group.device, config.eval_batch_size, group=group)
+              for name, part in splits.items()}
     metrics = {name: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for name, s in scores.items()}
-    save_checkpoint(out, model, config.model, classes, config, history, metrics=metrics)
+    if group.main:
+        save_checkpoint(out, model, config.model, classes, config, history, metrics=metrics)
     return scores, metrics
 
 
@@ -602,7 +725,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m utils.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=d.model, choices=sorted(MODELS))
-    p.add_argument("--categories", nargs="+", required=True, help='official names: cat "alarm clock" (or comma-separated)')
+    p.add_argument("--categories", nargs="+", help='official names: cat "alarm clock" (or comma-separated)')
+    p.add_argument("--packed", help="train from this pack (python -m utils.pack) instead of --categories")
     p.add_argument("--max-per-class", type=int, help="first N drawings of each category (default: all)")
     p.add_argument("--data", default="data", help="folder of the bitmaps; missing ones are downloaded into it")
     p.add_argument("--base-url", help="bucket root or mirror (URL or folder); default: $QUICKDRAW_BASE_URL or the official bucket")
@@ -625,33 +749,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument(flag, default=default, choices={"augment": AUGMENTS, "optimizer": OPTIMIZERS,
                                                            "schedule": SCHEDULES}[f.name])
         else:
-            kind = {"patience": int, "num_threads": int, "max_minutes": float}.get(f.name, type(default))
+            kind = {"patience": int, "num_threads": int, "max_minutes": float, "lr_batch": int}.get(f.name, type(default))
             p.add_argument(flag, type=kind, default=default)
     recipe = p.parse_known_args(argv)[0].recipe
     if recipe:
         p.set_defaults(**RECIPES[recipe])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.categories) == bool(args.packed):
+        p.error("give --categories (bitmaps, loaded into memory) or --packed (a pack, streamed), not both")
+    fixed = [flag for flag, value in (("--max-per-class", args.max_per_class), ("--split-seed", args.split_seed),
+                                      ("--base-url", args.base_url)) if args.packed and value is not None]
+    if fixed:
+        p.error(f"{', '.join(fixed)} cannot apply to --packed: the pack fixed its drawings and split when it was "
+                f"made (python -m utils.pack)")
+    return args
+
+
+def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tuple, list[str], dict]:
+    """((train, val, test), class names, where they came from): a pack's splits, or bitmaps (downloaded by one
+    process per machine) loaded and split in memory."""
+    if args.packed:
+        pack = PackedSet.open(args.packed)
+        source = dict(packed=str(Path(args.packed).resolve()), seed=pack.manifest["seed"],
+                      manifest_sha256=hashlib.sha256((pack.path / "manifest.json").read_bytes()).hexdigest())
+        return (pack.train, pack.val, pack.test), pack.classes, source
+    categories = resolve_categories(_categories(args.categories))
+    if group.local_rank == 0:
+        download_bitmaps(categories, root=args.data, max_per_class=args.max_per_class, base_url=args.base_url,
+                         progress=config.progress)
+    distributed.barrier(group)
+    split_seed = config.seed if args.split_seed is None else args.split_seed
+    ds = load_bitmaps(categories, root=args.data, max_per_class=args.max_per_class)
+    source = dict(categories=categories, max_per_class=args.max_per_class, split_seed=split_seed)
+    return split(ds, seed=split_seed), categories, source
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command: one process, or one rank of a torchrun run (the same code). Returns the result (every rank)."""
     args = parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = Path(args.out or f"models/{config.model}.pt")
-    categories = resolve_categories(_categories(args.categories))
-    download_bitmaps(categories, root=args.data, max_per_class=args.max_per_class, base_url=args.base_url,
-                     progress=config.progress)
-    ds = load_bitmaps(categories, root=args.data, max_per_class=args.max_per_class)
-    train, val, test = split(ds, seed=config.seed if args.split_seed is None else args.split_seed)
-    device = pick_device(config.device)
-    set_seed(config.seed)
-    model = build_model(config.model, len(categories))
-    history = fit(model, train, val, config, out=out, resume=args.resume, device=device)
-    model, _ = load_checkpoint(out)  # the best epoch
-    _, metrics = score_and_save(out, model, config, categories, history, device, val=val, test=test)
+    group = distributed.init(pick_device(config.device))
+    try:
+        (train, val, test), categories, source = load_data(args, config, group)
+        # torchrun --max-restarts starts every rank again after one failed: carry on from the last epoch saved.
+        resume = args.resume or (distributed.restarted() and last_path(out).is_file())
+        set_seed(config.seed)
+        model = build_model(config.model, len(categories))
+        history = fit(model, train, val, config, out=out, resume=resume, group=group, source=source)
+        # fit returns with the best epoch's weights: a fresh model holds them as load_checkpoint(out) would
+        best = build_model(config.model, len(categories))
+        best.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+        _, metrics = score_and_save(out, best, config, categories, history, group=group, val=val, test=test)
+        distributed.barrier(group)
+    finally:
+        distributed.teardown()
     return dict(model=config.model, params=count_parameters(model), checkpoint=str(out), **metrics,
                 train_images_per_s=history["train_images_per_s"], train_seconds=history["train_seconds"],
                 epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
-                precision=history["precision"], budget=history["budget"],
+                precision=history["precision"], budget=history["budget"], data=source,
+                distributed=dict(history.get("distributed") or {}, rank=group.rank, resumed=resume),
                 sizes=dict(train=len(train), val=len(val), test=len(test)), loadavg=os.getloadavg())
 
 
@@ -661,4 +818,5 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(result))
+    if result["distributed"]["rank"] == 0:  # one JSON line for the run
+        print(json.dumps(result))
