@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from app.api import create_app
+from app.api import ServiceConfig, create_app
+from app.server import uvicorn_config
 from app.service import CheckpointError, Classifier
 
 
@@ -19,13 +20,26 @@ def port(text: str) -> int:
     return number
 
 
+def seconds(text: str) -> float:
+    """argparse type: a positive number of seconds."""
+    value = float(text)
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds between 0 and 3600")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    defaults = ServiceConfig()
     p = argparse.ArgumentParser(prog="python -m app", description="Drawing page and JSON API for a doodle classifier.")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint written by utils.train (models/<name>.pt)")
+    p.add_argument("--model", type=Path, required=True, help="a checkpoint written by training (models/<name>.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per forward pass; requests are served one at a time, so keep it small")
+    p.add_argument("--body-timeout", type=seconds, default=defaults.body_timeout,
+                   help=f"seconds for a request body to arrive in full, else 408 (default {defaults.body_timeout:g})")
+    p.add_argument("--idle-timeout", type=seconds, default=defaults.idle_timeout,
+                   help=f"seconds a connection may send no request head (default {defaults.idle_timeout:g})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     return p.parse_args(argv)
@@ -41,12 +55,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     classifier.warm_up()
+    config = ServiceConfig(body_timeout=args.body_timeout, idle_timeout=args.idle_timeout)
+    app = create_app(classifier, config)
     gc.collect()
     gc.freeze()  # torch, the model and the app live as long as the process: keep the collector off them
     print(f"serving {classifier.name} ({len(classifier.classes)} classes) from {args.model} "
           f"on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(classifier), host=args.host, port=args.port, workers=1,
-                log_level=args.log_level, access_log=args.access_log)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, config, log_level=args.log_level,
+                                  access_log=args.access_log)).run()
     return 0
 
 

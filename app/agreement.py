@@ -13,12 +13,12 @@ from typing import Iterator
 import httpx
 import numpy as np
 
-from app.api import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS
-from app.service import ink_length
+from app.inputs import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, ink_length
 from utils.data import load_bitmaps, split
 from utils.models import build_model
 from utils.strokes import read_ndjson
-from utils.train import TrainConfig, fit, save_checkpoint
+from utils.checkpoint import save_checkpoint
+from utils.train import TrainConfig, fit
 
 
 def bitmap_categories(full: Path) -> list[str]:
@@ -39,23 +39,23 @@ def train_bitmap_model(full: Path, out: Path, epochs: int, max_per_class: int | 
 
 def batches(drawings: list[dict]) -> Iterator[list[dict]]:
     """The drawings in order, grouped into /predict batches within every limit of a request."""
-    limits = np.array([MAX_POINTS, MAX_INK_LENGTH, MAX_BODY_BYTES - 100])  # 100 bytes for the rest of the body
-    batch, used = [], np.zeros(3)
+    limits = np.array([MAX_STROKES, MAX_POINTS, MAX_INK_LENGTH, MAX_BODY_BYTES - 100])  # 100 bytes: the rest of the body
+    batch, used = [], np.zeros(4)
     for drawing in drawings:
         cost = np.array(_cost(drawing))
         if batch and (len(batch) == MAX_DRAWINGS or np.any(used + cost > limits)):
             yield batch
-            batch, used = [], np.zeros(3)
+            batch, used = [], np.zeros(4)
         batch.append(drawing)
         used += cost
     if batch:
         yield batch
 
 
-def _cost(drawing: dict) -> tuple[int, float, int]:
-    """What a drawing counts against a request's limits: points, ink length, JSON bytes."""
+def _cost(drawing: dict) -> tuple[int, int, float, int]:
+    """What a drawing counts against a request's limits: strokes, points, ink length, JSON bytes."""
     strokes = drawing.get("strokes")
-    return (sum(len(s[0]) for s in strokes or ()), ink_length(strokes) if strokes else 0.0,
+    return (len(strokes or ()), sum(len(s[0]) for s in strokes or ()), ink_length(strokes) if strokes else 0.0,
             len(json.dumps(drawing, separators=(",", ":"))) + 1)
 
 

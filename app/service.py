@@ -1,35 +1,25 @@
-"""The classifier behind the API: a checkpoint loaded once, and every input turned into the
-28x28 uint8 bitmap the official data uses before one batched forward pass."""
+"""The classifier behind the API: a checkpoint loaded once, the workers that turn request bodies
+into 28x28 bitmaps off the event loop, and batched forward passes off it too."""
 from __future__ import annotations
 
 import asyncio
-import io
-import math
-from dataclasses import dataclass
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import anyio
+import anyio.to_thread
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from utils.data import to_float
-from utils.strokes import render, simplify
+from app.inputs import SIDE, Costly, strokes_to_bitmap, worker_started
 from utils.checkpoint import CheckpointError, load_checkpoint
-
-SIDE = 28
-# The official rasterization (see utils.strokes.render): the simplified drawing spans 255 units,
-# strokes 16 units wide, on a 256 + 2*16 + 16 = 304-unit frame, centred. An uploaded image is
-# framed the same way: its ink box, strokes included, becomes 271/304 of the side, centred.
-INK_SIDE = SIDE * (255 + 16) / (256 + 2 * 16 + 16)  # ~24.96 px
-MAX_IMAGE_PIXELS = 25_000_000  # decoding more would stall the service for seconds
-
-
-class InputError(ValueError):
-    """A request's drawing cannot be turned into a bitmap; status is the HTTP code to answer."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
+from utils.data import to_float
 
 
 @dataclass
@@ -50,7 +40,7 @@ class Classifier:
             raise CheckpointError(reason if str(path) in reason else f"cannot load checkpoint {path}: {reason}") from e
         return cls(model, list(meta["classes"]), meta["model_name"], Path(path))
 
-    def warm_up(self, max_batch: int = 32) -> None:
+    def warm_up(self, max_batch: int = 64) -> None:
         """Pay the first-call costs (cairo loading, kernels per batch size) before the first request."""
         strokes_to_bitmap([[[0, 10, 20], [0, 20, 0]]])
         for n in range(1, max_batch + 1):
@@ -68,117 +58,114 @@ class Classifier:
                 for row_i, row_p in zip(index.tolist(), values.tolist())]
 
 
-class Batcher:
-    """Joins the drawings of all requests waiting at the same moment into one forward pass.
+@dataclass(eq=False)
+class _Job:
+    bitmaps: np.ndarray  # uint8 (N,28,28)
+    top_k: int
+    future: asyncio.Future
+    start: int = 0       # rows already sent to a forward pass
+    parts: list[torch.Tensor] = field(default_factory=list)
 
-    A forward pass on 16 drawings costs little more than on one, and under load many requests
-    wait together; the event loop runs the pass once every handler ready in this turn has queued.
+
+class Batcher:
+    """Forward passes in one thread beside the event loop, each on the drawings of every request
+    that arrived while the previous pass ran.
+
+    A pass on 16 drawings costs little more than on one, so under load the requests share passes.
+    A pass takes at most max_rows drawings: the rest of a large batch waits behind the requests
+    that arrived during the pass, so that a large batch delays a small request by one pass at most.
     """
 
-    def __init__(self, classifier: Classifier):
-        self.classifier = classifier
-        self.waiting: list[tuple[np.ndarray, int, asyncio.Future]] = []
+    def __init__(self, classifier: Classifier, max_rows: int = 64):
+        self.classifier, self.max_rows = classifier, max_rows
+        self.waiting: deque[_Job] = deque()
+        self.running = False
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # torch computes without the GIL
 
     async def predict(self, bitmaps: np.ndarray, top_k: int) -> list[list[dict]]:
         """uint8 (N,28,28) -> top_k labels per drawing."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self.waiting:
-            loop.call_soon(self._run)
-        self.waiting.append((bitmaps, top_k, future))
-        return await future
+        job = _Job(bitmaps, top_k, asyncio.get_running_loop().create_future())
+        self.waiting.append(job)
+        if not self.running:
+            self._next()
+        return await job.future
 
-    def _run(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        try:
-            probabilities = self.classifier.probabilities(np.concatenate([b for b, _, _ in waiting]))
-        except Exception as e:  # every waiting request learns of it; the service keeps going
-            for _, _, future in waiting:
-                if not future.done():  # cancelled: its client went away
-                    future.set_exception(e)
-            return
+    def _next(self) -> None:
+        taken, rows = [], 0
+        while self.waiting and rows < self.max_rows:
+            job = self.waiting.popleft()
+            if job.future.done():  # cancelled: its client went away
+                continue
+            n = min(len(job.bitmaps) - job.start, self.max_rows - rows)
+            taken.append((job, job.start, job.start + n))
+            job.start, rows = job.start + n, rows + n
+        self.running = bool(taken)
+        if taken:
+            batch = np.concatenate([job.bitmaps[a:b] for job, a, b in taken])
+            done = asyncio.get_running_loop().run_in_executor(self.thread, self.classifier.probabilities, batch)
+            done.add_done_callback(lambda f: self._finish(taken, f))
+
+    def _finish(self, taken: list, done: asyncio.Future) -> None:
+        error = done.exception()
         start = 0
-        for bitmaps, top_k, future in waiting:
-            if not future.done():
-                future.set_result(self.classifier.top(probabilities[start:start + len(bitmaps)], top_k))
-            start += len(bitmaps)
+        for job, a, b in taken:
+            if job.future.done():
+                pass
+            elif error is not None:  # every request in the pass learns of it; the service keeps going
+                job.future.set_exception(error)
+            else:
+                job.parts.append(done.result()[start:start + b - a])
+                if b == len(job.bitmaps):
+                    job.future.set_result(self.classifier.top(torch.cat(job.parts), job.top_k))
+            start += b - a
+            if b < len(job.bitmaps) and not job.future.done():  # behind the requests that came meanwhile
+                self.waiting.append(job)
+        self._next()
 
 
-def ink_length(strokes: list[list[list[float]]]) -> float:
-    """Total stroke length at the 0..255 scale simplify brings a drawing to: the points it resamples."""
-    xy = [np.asarray(stroke[:2], dtype=np.float64) for stroke in strokes]  # (2,n) per stroke
-    extent = np.ptp(np.concatenate(xy, axis=1), axis=1).max()
-    if extent == 0:
-        return 0.0
-    return float(sum(np.hypot(*np.diff(p, axis=1)).sum() for p in xy) * 255 / extent)
+class Workers:
+    """Where a request's CPU work runs: never on the event loop, and never more at once than bounded.
 
+    run(fn, ...) calls fn(..., budget=light_budget) in a thread (at most `threads` at once). An
+    input that costs more than that budget raises Costly there, after only its cheap checks, and is
+    then read again in full by a worker process of lower priority (at most `processes` at once,
+    the rest wait their turn): its parsing, drawing or decoding neither holds the server's GIL
+    nor takes the CPU from the ordinary requests.
+    """
 
-def strokes_to_bitmap(strokes: list[list[list[float]]]) -> np.ndarray:
-    """Raw canvas strokes [[x...], [y...](, [t...])] -> uint8 (28,28), as the official data was made."""
-    try:
-        return render(simplify(strokes), side=SIDE)
-    except (ValueError, ArithmeticError) as e:
-        raise InputError(f"strokes cannot be drawn: {e}") from e
+    def __init__(self, threads: int = 2, processes: int = 1):
+        self.light = anyio.CapacityLimiter(threads)
+        self.heavy = anyio.CapacityLimiter(processes)
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
 
+    @property
+    def pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:  # spawn: a fork would copy the server's threads and event loop into the child
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=worker_started)
+        return self._pool
 
-def image_to_bitmap(data: bytes) -> np.ndarray:
-    """A PNG or JPEG drawing, dark on light or light on dark, any size -> uint8 (28,28) framed
-    like the official bitmaps: ink box scaled uniformly to INK_SIDE and centred."""
-    ink = _ink(_open_image(data))  # float32 (H,W), 0 = background, 1 = full ink
-    ys, xs = np.nonzero(ink > 0.5)  # half-ink edges locate the stroke borders, not JPEG noise
-    if len(xs) == 0:
-        raise InputError("image has no drawing: no ink found (blank image)")
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    half = SIDE / 2 * max(x1 - x0, y1 - y0) / INK_SIDE  # half the output side, in source pixels
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    # The source window under the 28x28 output, zero (no ink) where it overhangs the image.
-    wx0, wy0, wx1, wy1 = math.floor(cx - half), math.floor(cy - half), math.ceil(cx + half), math.ceil(cy + half)
-    window = np.zeros((wy1 - wy0, wx1 - wx0), np.float32)
-    sx0, sy0, sx1, sy1 = max(wx0, 0), max(wy0, 0), min(wx1, ink.shape[1]), min(wy1, ink.shape[0])
-    window[sy0 - wy0:sy1 - wy0, sx0 - wx0:sx1 - wx0] = ink[sy0:sy1, sx0:sx1]
-    box = (cx - half - wx0, cy - half - wy0, cx + half - wx0, cy + half - wy0)
-    # BOX averages every source pixel under each output pixel: the antialiasing of a downscale.
-    out = Image.fromarray(window * 255).resize((SIDE, SIDE), Image.Resampling.BOX, box=box)
-    return np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8)
+    async def start(self) -> None:
+        """Start the worker processes now rather than on the first costly request."""
+        await asyncio.gather(*(asyncio.wrap_future(self.pool.submit(os.getpid)) for _ in range(self.processes)))
 
+    def close(self) -> None:
+        """Stop the worker processes (a later request starts new ones)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-def _open_image(data: bytes) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise InputError(f"image too large: {e}", 413) from e
-    except UnidentifiedImageError as e:  # its message only repeats the file object's repr
-        raise InputError("unreadable image: not a PNG or JPEG file", 415) from e
-    except (OSError, ValueError) as e:
-        raise InputError(f"unreadable image: not a PNG or JPEG file ({e})", 415) from e
-    if image.format not in ("PNG", "JPEG"):
-        raise InputError(f"unsupported image format {image.format}: send a PNG or JPEG", 415)
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise InputError(f"image too large: {image.width}x{image.height} pixels, "
-                         f"at most {MAX_IMAGE_PIXELS:,} allowed", 413)
-    try:
-        image.load()
-    except Exception as e:  # truncated or corrupt data surfaces only when decoding
-        raise InputError(f"unreadable image: corrupt {image.format} data ({e})", 415) from e
-    return image
-
-
-def _ink(image: Image.Image) -> np.ndarray:
-    """Ink amount per pixel, float32 (H,W) in [0,1], whatever the polarity."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        alpha = np.asarray(image.convert("RGBA"), dtype=np.float32)[..., 3]
-        if alpha.min() < 255:  # strokes on a transparent background: opacity is the ink
-            return _normalize(alpha)
-    gray = np.asarray(image.convert("L"), dtype=np.float32)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    ink = gray - background if background < 128 else background - gray  # light or dark ink
-    return _normalize(ink)
-
-
-def _normalize(ink: np.ndarray) -> np.ndarray:
-    """Background to 0, the strongest ink to 1 (pencil on paper becomes full strokes)."""
-    ink = np.clip(ink, 0, None)
-    top = float(ink.max())
-    return ink / top if top > 0 else ink
+    async def run(self, fn: Callable, *args, light_budget: float | None):
+        """fn(*args, budget=...) off the event loop; light_budget None sends it to a process directly."""
+        if light_budget is not None:
+            try:
+                return await anyio.to_thread.run_sync(lambda: fn(*args, budget=light_budget), limiter=self.light)
+            except Costly:
+                pass
+        async with self.heavy:
+            try:
+                return await asyncio.wrap_future(self.pool.submit(fn, *args, budget=None))
+            except BrokenProcessPool:  # a worker died (killed from outside): the next request gets a new one
+                self.close()
+                raise

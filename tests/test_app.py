@@ -1,88 +1,42 @@
-"""The web API, started for real (`python -m app` in a subprocess on 127.0.0.1) and called over HTTP."""
+"""The web API: in process through TestClient(create_app(...)) for what it answers, on a real socket
+for slow clients, and once as `python -m app` in a subprocess."""
 import asyncio
 import io
 import json
-import math
+import os
 import re
+import socket
+import struct
 import subprocess
 import threading
-import time
+import tracemalloc
+import zlib
 
 import httpx
+import jsonschema_rs
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 
+import app.api
 from app.__main__ import parse_args
 from app.agreement import agreement, batches, bitmap_categories, train_bitmap_model
-from app.api import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS
+from app.api import ServiceConfig, create_app
+from app.inputs import (MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, Costly, InputError, image_to_bitmap,
+                        ink_length, read_drawings)
 from app.launch import app_command, free_port, running_server
-from app.service import Batcher, ink_length
-from utils.data import QuickDrawSet, to_float
-from utils.models import build_model
+from app.service import Batcher, Workers
+from tests.conftest import SHAPES, serving, shape_strokes
+from utils.checkpoint import load_checkpoint
+from utils.data import to_float
 from utils.strokes import render, simplify
-from utils.train import TrainConfig, fit, load_checkpoint, save_checkpoint
-
-SHAPES = ("circle", "square", "triangle", "line", "zigzag", "plus")
-TEMPLATES = {  # strokes in a unit box, as someone would draw them
-    "square": [[(-1, -1), (1, -1), (1, 1), (-1, 1), (-1, -1)]],
-    "triangle": [[(0, -1), (1, 0.8), (-1, 0.8), (0, -1)]],
-    "line": [[(-1, 0), (1, 0)]],
-    "zigzag": [[(-1, -0.5), (-0.5, 0.5), (0, -0.5), (0.5, 0.5), (1, -0.5)]],
-    "plus": [[(-1, 0), (1, 0)], [(0, -1), (0, 1)]],
-}
-
-
-def shape_strokes(name: str, rng: np.random.Generator) -> list[list[list[float]]]:
-    """A hand-drawn-like raw drawing: [[x...], [y...], [t...]] per stroke in canvas pixels and ms."""
-    if name == "circle":
-        a = np.linspace(0, 2 * math.pi, 40) + rng.uniform(0, 2 * math.pi)
-        strokes = [np.stack([np.cos(a), np.sin(a)], 1)]
-    else:  # every corner-to-corner segment sampled like a pointer: many points
-        strokes = [np.concatenate([np.linspace(p, q, 12, endpoint=False) for p, q in zip(s[:-1], s[1:])] + [s[-1:]])
-                   for s in map(np.array, TEMPLATES[name])]
-    angle = rng.uniform(-0.3, 0.3)
-    rotate = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    scale = rng.uniform(40, 200) * np.array([1, rng.uniform(0.8, 1.2)])
-    offset = rng.uniform(0, 300, 2)
-    drawing, t = [], 0
-    for points in strokes:
-        points = (points @ rotate.T) * scale + offset + rng.normal(0, 0.01, points.shape) * scale
-        times = t + np.arange(len(points)) * 16
-        t = int(times[-1]) + 300
-        drawing.append([points[:, 0].round(2).tolist(), points[:, 1].round(2).tolist(), times.tolist()])
-    return drawing
-
-
-def shapes_set(per_class: int, seed: int) -> QuickDrawSet:
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(len(SHAPES)), per_class)
-    images = np.stack([render(simplify(shape_strokes(SHAPES[y], rng))) for y in labels])
-    return QuickDrawSet(torch.from_numpy(images), torch.from_numpy(labels), list(SHAPES))
-
-
-@pytest.fixture(scope="session")
-def shapes_checkpoint(tmp_path_factory):
-    """V2 trained in seconds to tell six simple shapes apart, saved as utils.train saves."""
-    path = tmp_path_factory.getbasetemp() / "shapes.pt"
-    if not path.exists():  # made once per session, for the browser test too
-        config = TrainConfig(model="v2", epochs=4, batch_size=32, seed=0, device="cpu", num_threads=1, progress=False)
-        model = build_model("v2", len(SHAPES))
-        history = fit(model, shapes_set(80, seed=0), shapes_set(10, seed=1), config)
-        save_checkpoint(path, model, "v2", list(SHAPES), config, history)
-    return path
 
 
 @pytest.fixture(scope="module")
-def server(shapes_checkpoint):
-    with running_server(shapes_checkpoint) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=30) as c:
+def client(shapes_classifier):
+    with TestClient(create_app(shapes_classifier)) as c:
         yield c
 
 
@@ -153,16 +107,6 @@ def test_docs_page_uses_only_the_apps_own_files(client):
     for asset in assets:
         answer = client.get(asset)
         assert answer.status_code == 200 and kinds[asset[asset.rindex("."):]] in answer.headers["content-type"]
-
-
-def test_openapi(client):
-    assert client.get("/redoc").status_code == 404  # ReDoc would fetch its logo from another host
-    spec = client.get("/openapi.json").json()
-    assert {"/predict", "/predict/image", "/health", "/classes"} <= set(spec["paths"])
-    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/PredictRequest"}
-    fields = spec["components"]["schemas"]["PredictRequest"]["properties"]
-    assert {"strokes", "bitmap", "drawings", "top_k"} <= set(fields)
 
 
 def test_predict_strokes_as_the_official_data(client, reference):
@@ -300,18 +244,22 @@ BAD_BODIES = [
     ("bitmap of rows and numbers", {"bitmap": [[0] * 28] * 27 + [5]}, 422, "bitmap: mixes rows and numbers"),
     ("top_k zero", {"strokes": GOOD, "top_k": 0}, 422, "top_k must be between 1 and 6"),
     ("top_k over classes", {"strokes": GOOD, "top_k": 7}, 422, "top_k must be between 1 and 6"),
-    ("top_k float", {"strokes": GOOD, "top_k": 2.0}, 422, "top_k: input should be a valid integer"),
+    ("top_k fraction", {"strokes": GOOD, "top_k": 2.5}, 422, "top_k: input should be a valid integer"),
     ("top_k string", {"strokes": GOOD, "top_k": "3"}, 422, "top_k: input should be a valid integer"),
     ("empty batch", {"drawings": []}, 422, "drawings: list should have at least 1 item"),
     ("bad drawing in batch", {"drawings": [{"strokes": GOOD}, {"bitmap": [1] * 10}]}, 422,
      "drawings[1].bitmap: got 10 values"),
     ("top_k inside batch", {"drawings": [{"strokes": GOOD, "top_k": 1}]}, 422, "drawings[0].top_k: extra inputs"),
+    ("null for a drawing kind", {"strokes": GOOD, "bitmap": None}, 422, "bitmap: input should be a valid array"),
+    ("batch over 256", {"drawings": [{"bitmap": INK}] * 257}, 413, "too many drawings: 257 in the batch, at most 256"),
+    ("field name with a newline", {"strokes": GOOD, "x\ny\r\u2028z": 1}, 422, "x\\ny\\r\\u2028z: extra inputs"),
     ("too many points", strokes_of(50_001), 413, "too many points: 50001 in the request, at most 50000"),
     ("too many points in batch", {"drawings": [strokes_of(25_001), strokes_of(25_000)]}, 413, "too many points: 50001"),
     ("too many strokes", {"strokes": [[[i], [i % 7]] for i in range(1_001)]}, 413,
-     "too many strokes: the drawing has 1,001, at most 1,000 per drawing"),
-    ("too many strokes in batch", {"drawings": [{"strokes": GOOD}, {"strokes": [[[i], [0]] for i in range(1_200)]}]},
-     413, "too many strokes: drawings[1] has 1,200"),
+     "too many strokes: 1,001 in the request, at most 1,000"),
+    ("too many strokes in batch", {"drawings": [{"strokes": GOOD}] * 2 + [{"strokes": [[[i], [0]] for i in range(999)]}]},
+     413, "too many strokes: 1,001 in the request"),
+    ("over a count, before the values are read", {"drawings": [{"bitmap": "no"}] * 300}, 413, "too many drawings: 300"),
     ("scribble too long to simplify", {"strokes": [[[0, 100] * 2500, [0] * 5000]]}, 413,
      "strokes too long: they run 1,274,745 units"),
 ]
@@ -366,6 +314,7 @@ BAD_IMAGES = {  # file name -> (bytes, status, words the message must hold)
     "d.gif": (lambda: encoded(Image.new("L", (8, 8)), "GIF"), 415, "unsupported image format gif"),
     "blank.png": (lambda: png(np.full((50, 60), 255, np.uint8)), 422, "no ink"),
     "large.png": (lambda: encoded(Image.new("1", (6000, 6000), 1), "PNG"), 413, "image too large: 6000x6000"),
+    "long.png": (lambda: encoded(Image.new("1", (8000, 1), 1), "PNG"), 413, "image too large: 8000x1"),
     "bomb.png": (lambda: encoded(Image.new("1", (14000, 14000), 1), "PNG"), 413, "image too large"),
 }
 
@@ -380,33 +329,11 @@ def test_bad_image_request_is_refused(client):
     assert_problem(client.post("/predict/image", data={"x": "1"}), 422, "file")
     drawn = png(render(simplify(drawing("line")), side=60))
     assert_problem(client.post("/predict/image", params={"top_k": 0}, files={"file": ("d.png", drawn)}),
-                   422, "top_k must be between 1 and 6")
+                   422, "top_k: input should be greater than or equal to 1")
+    assert_problem(client.post("/predict/image", params={"top_k": 7}, files={"file": ("d.png", drawn)}),
+                   422, "top_k: input should be less than or equal to 6")
     assert_problem(client.post("/predict/image", params={"top_k": "many"}, files={"file": ("d.png", drawn)}),
                    422, "top_k: input should be a valid integer")
-
-
-def test_service_answers_while_drawing_a_large_request(server):
-    """49 drawings of 1,000 one-point strokes: within every limit, and a second or more to draw."""
-    heavy = {"drawings": [{"strokes": [[[i], [(i * d) % 97]] for i in range(1_000)]} for d in range(49)]}
-    done = {}
-
-    def send():
-        with httpx.Client(base_url=server, timeout=60) as c:
-            done["status"] = c.post("/predict", json=heavy).status_code
-    sender = threading.Thread(target=send)
-    with httpx.Client(base_url=server, timeout=60) as c:
-        t0 = time.perf_counter()
-        sender.start()
-        waits = []
-        while sender.is_alive():
-            t = time.perf_counter()
-            assert c.get("/health").status_code == 200
-            waits.append(time.perf_counter() - t)
-        heavy_seconds = time.perf_counter() - t0
-    sender.join()
-    assert done["status"] == 200
-    assert heavy_seconds > 0.3 and len(waits) >= 3, (heavy_seconds, len(waits))
-    assert max(waits) < heavy_seconds / 3, f"/health waited {max(waits):.2f} s of {heavy_seconds:.2f} s"
 
 
 def test_service_still_answers_after_bad_input(client, reference):
@@ -467,6 +394,230 @@ def test_model_failure_reaches_every_request_still_waiting():
     asyncio.run(scenario())
 
 
+
+
+# --- costs bounded, and off the event loop ---------------------------------------------------------------
+
+ZIGZAG = {"strokes": [[[0, 100] * 490, [i * 0.3 for i in range(980)]]]}  # 6 KB, ~250,000 units of ink
+
+
+def test_a_costly_drawing_is_drawn_in_a_worker_process(client):
+    body = json.dumps(ZIGZAG).encode()
+    assert len(body) < ServiceConfig().light_body_bytes and ink_length(ZIGZAG["strokes"]) < MAX_INK_LENGTH
+    with pytest.raises(Costly):  # the thread only checks it, and hands it on
+        read_drawings(body, len(SHAPES), budget=ServiceConfig().light_points)
+    answer = client.post("/predict", json=ZIGZAG)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 5
+
+
+def _pid(budget=None):
+    if budget is not None:
+        raise Costly
+    return os.getpid()
+
+
+def test_workers_run_costly_work_in_another_process():
+    async def scenario():
+        workers = Workers(threads=1, processes=1)
+        try:
+            return await workers.run(_pid, light_budget=1), await workers.run(_pid, light_budget=None)
+        finally:
+            workers.close()
+    assert all(pid != os.getpid() for pid in asyncio.run(scenario()))
+
+
+def test_health_answers_while_a_request_is_being_read(shapes_classifier, monkeypatch):
+    """Not a timing: the request's work is held inside the worker until /health has answered."""
+    started, release = threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        started.set()
+        assert release.wait(60), "never released"
+        return read_drawings(*args, **kwargs)
+    monkeypatch.setattr(app.api, "read_drawings", held)
+    with TestClient(create_app(shapes_classifier)) as c:
+        done = {}
+        sender = threading.Thread(target=lambda: done.update(answer=c.post("/predict", json={"strokes": drawing("plus")})))
+        sender.start()
+        try:
+            assert started.wait(60)
+            assert c.get("/health").json()["status"] == "ok"
+            assert "answer" not in done  # still held: /health was answered during it
+        finally:
+            release.set()
+            sender.join(60)
+    assert done["answer"].status_code == 200
+
+
+def test_forward_passes_run_beside_the_event_loop_and_split_large_batches():
+    entered, release, passes = threading.Event(), threading.Event(), []
+
+    class Held:
+        classes = list(SHAPES)
+
+        def probabilities(self, bitmaps):
+            passes.append(len(bitmaps))
+            entered.set()
+            assert release.wait(30)
+            return torch.full((len(bitmaps), len(SHAPES)), 1 / len(SHAPES))
+
+        def top(self, probabilities, top_k):
+            return [[len(probabilities)]] * len(probabilities)
+
+    async def scenario():
+        batcher = Batcher(Held(), max_rows=64)
+        large = asyncio.ensure_future(batcher.predict(np.zeros((200, 28, 28), np.uint8), 1))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)  # the loop runs meanwhile
+        small = asyncio.ensure_future(batcher.predict(np.zeros((1, 28, 28), np.uint8), 1))
+        release.set()
+        assert await asyncio.wait_for(small, 30) == [[1]]
+        assert not large.done()  # the small request did not wait for the whole batch
+        assert await asyncio.wait_for(large, 30) == [[200]] * 200
+    asyncio.run(scenario())
+    assert passes == [64, 1 + 63, 64, 9]
+
+
+def thin_png(width: int, height: int, rows: slice, columns: slice) -> bytes:
+    """A 1-bit image, white, with a black bar."""
+    image = np.full((height, width), 255, np.uint8)
+    image[rows, columns] = 0
+    out = io.BytesIO()
+    Image.fromarray(image).convert("1").save(out, "PNG")
+    return out.getvalue()
+
+
+def test_thin_image_never_costs_a_square_of_its_long_side():
+    data = thin_png(8192, 512, slice(250, 262), slice(100, 8000))  # a few KB, at every image limit
+    tracemalloc.start()
+    try:
+        bitmap = image_to_bitmap(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64e6, f"{peak / 1e6:.0f} MB"  # a float32 square of 8192 would be 268 MB
+    rows = np.nonzero(bitmap.any(axis=1))[0]
+    columns = np.nonzero(bitmap.any(axis=0))[0]
+    assert columns.min() <= 2 and columns.max() >= 25  # framed as the official data: ink spans ~25 of 28
+    assert set(rows) <= {13, 14}  # a thin bar, centred
+
+
+def test_thin_image_with_ink_is_framed_or_refused_never_blank(client):
+    answer = client.post("/predict/image", files={"file": ("bar.png", thin_png(4000, 250, slice(100, 130),
+                                                                              slice(0, 4000)))})
+    assert answer.status_code == 200
+    assert np.array(answer.json()["bitmap"]).reshape(28, 28)[13:15, 2:26].max(axis=0).min() > 0  # a bar across
+    dots = thin_png(8000, 500, slice(250, 251), slice(0, 8000, 7999))  # two pixels 8,000 apart: nothing at 28x28
+    assert_problem(client.post("/predict/image", files={"file": ("dots.png", dots)}), 422, "too thin or faint to show")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_exif(exif: bytes) -> bytes:
+    data = png(np.full((20, 20), 255, np.uint8))
+    return data[:33] + png_chunk(b"eXIf", exif) + data[33:]  # after the signature and IHDR
+
+
+@pytest.mark.parametrize("size, words", [
+    ((25_000_000, 1), "image too large: 25000000x1"), ((10_000, 10), "image too large"),
+    ((8_193, 1_000), "8,192 on a side"), ((5_000, 5_000), "at most 16,777,216 pixels")])
+def test_image_limits_answer_413_before_decoding(size, words):
+    header = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", *size, 1, 0, 0, 0, 0)) + png_chunk(b"IEND", b"")
+    with pytest.raises(InputError) as refused:  # the header alone tells: no pixel data follows
+        image_to_bitmap(header)
+    assert refused.value.status == 413 and words in str(refused.value)
+
+
+def test_malformed_exif_is_415(client):
+    assert_problem(client.post("/predict/image", files={"file": ("e.png", png_with_exif(b"XX\x00\x2a\x00\x00\x00\x08"))}),
+                   415, "unreadable image")
+
+
+# --- the OpenAPI document is what the service does ---------------------------------------------------------
+
+def test_openapi_states_every_answer_and_the_request_rule(client):
+    assert client.get("/redoc").status_code == 404  # ReDoc would fetch its logo from another host
+    spec = client.get("/openapi.json").json()
+    assert {"/predict", "/predict/image", "/health", "/classes"} <= set(spec["paths"])
+    for path in ("/predict", "/predict/image"):
+        answers = spec["paths"][path]["post"]["responses"]
+        assert set(answers) == {"200", "400", "408", "413", "415", "422"}
+        for status in ("400", "408", "413", "415", "422"):
+            assert answers[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorAnswer"}
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    def valid(document) -> bool:
+        return jsonschema_rs.validator_for(body | {"components": spec["components"]}).is_valid(document)
+    assert [valid(b) for b in ({}, {"strokes": GOOD, "bitmap": INK}, {"top_k": 2}, {"bitmap": BLANK},
+                               {"drawings": [{"bitmap": INK}] * 257})] == [False] * 5
+    assert [valid(b) for b in ({"strokes": GOOD}, {"bitmap": INK, "top_k": 6}, {"drawings": [{"bitmap": INK}]})] == [True] * 3
+    error = client.post("/predict/image", params={"top_k": "many"}, files={"file": ("d.png", b"x")})
+    assert error.status_code == 422
+    assert jsonschema_rs.validator_for({"$ref": "#/components/schemas/ErrorAnswer"} | {"components": spec["components"]}
+                                       ).is_valid(error.json())
+
+
+# --- slow clients --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def impatient_server(shapes_classifier):
+    config = ServiceConfig(body_timeout=1.0, idle_timeout=1.0)
+    with serving(create_app(shapes_classifier, config), config) as url:
+        yield url
+
+
+def raw_connection(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes the connection."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_idle_connection_is_closed(impatient_server):
+    with raw_connection(impatient_server) as sock:
+        assert read_all(sock) == b""  # closed by the server (a hang would be the 30 s socket timeout)
+
+
+def test_slow_request_head_gets_408(impatient_server):
+    with raw_connection(impatient_server) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"request head not received in time" in answer
+
+
+def test_abandoned_body_gets_408_and_the_connection_closes(impatient_server):
+    with raw_connection(impatient_server) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b'{"strokes": [[[1, 2')
+        answer = read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"detail": "request body not received within 1 s"}
+    assert httpx.get(f"{impatient_server}/health").status_code == 200
+
+
+def test_keep_alive_connection_is_closed_once_idle(impatient_server):
+    with raw_connection(impatient_server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
+
+
+# --- python -m app ----------------------------------------------------------------------------------------------
+
+def test_python_m_app_serves_over_http(shapes_checkpoint, reference):
+    strokes = drawing("circle")
+    with running_server(shapes_checkpoint, "--idle-timeout", "2") as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/health").json()["checkpoint"] == shapes_checkpoint.name
+        assert_matches(c.post("/predict", json={"strokes": strokes}).json(), reference(render(simplify(strokes))[None])[0])
+        assert c.post("/predict", json=ZIGZAG).status_code == 200  # through the worker process
 # --- raw strokes agree with the official bitmaps --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -480,11 +631,14 @@ def mirror_checkpoint(shared_dir, tmp_path_factory):
 def test_batches_keep_order_and_fill_up_to_every_limit():
     def fits(group):
         strokes = [d["strokes"] for d in group if "strokes" in d]
-        return (len(group) <= MAX_DRAWINGS and sum(len(s[0][0]) for s in strokes) <= MAX_POINTS
+        return (len(group) <= MAX_DRAWINGS and sum(len(s) for s in strokes) <= MAX_STROKES
+                and sum(len(stroke[0]) for s in strokes for stroke in s) <= MAX_POINTS
                 and sum(ink_length(s) for s in strokes) <= MAX_INK_LENGTH
                 and len(json.dumps({"drawings": group, "top_k": 1}, separators=(",", ":"))) <= MAX_BODY_BYTES)
     zigzag = {"strokes": [[list(range(0, 300, 3)), [(i * 7) % 50 for i in range(100)]]]}  # ~2,500 ink units
-    drawings = [zigzag] * 300 + [{"strokes": [[list(range(200)), [0] * 200]]}] * 600 + [{"bitmap": [255] * 784}] * 600
+    dots = {"strokes": [[[i], [i % 5]] for i in range(40)]}
+    drawings = [zigzag] * 300 + [{"strokes": [[list(range(200)), [0] * 200]]}] * 600 + [dots] * 60 + \
+        [{"bitmap": [255] * 784}] * 600
     groups = list(batches(drawings))
     assert [d for g in groups for d in g] == drawings
     assert all(fits(g) for g in groups)

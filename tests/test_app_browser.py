@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import server, shapes_checkpoint  # noqa: F401 (fixtures: the app on the shapes model)
+
 
 
 def _chromium() -> Path | None:
