@@ -1,14 +1,18 @@
 """Training recipes side by side on the 17 bitmap categories of ../shared/quickdraw (57,000 drawings).
 
-    .venv/bin/python -m benchmarks.bench_train                  # every run, about 45 min on 2 cores
-    .venv/bin/python -m benchmarks.bench_train --only v2,v2-tuned,v2-tuned-fp32
-    .venv/bin/python -m benchmarks.bench_train --seed 1         # writes reports/bench_train_seed1.json
-    .venv/bin/python -m benchmarks.bench_train --quick          # smoke run: 200 drawings a class, 1 epoch
+    .venv/bin/python -m benchmarks.bench_train --seed 1                       # every run, on this CPU
+    .venv/bin/python -m benchmarks.bench_train --seed 1 --runs v2,v2-tuned,qdnet --cpus native,avx2
+    .venv/bin/python -m benchmarks.bench_train --quick --runs v2,v2-tuned     # smoke run: 200 a class, 1 epoch
 
 One stratified 80/10/10 split by seed; every model is scored on the WHOLE validation and test splits.
-Seed 0 is the development split: the epoch counts of v2-tuned and resnet were raised after a first run's
-test scores on it were seen. Seed 1 is the check: the same drawings split afresh, recipes fixed beforehand.
-Prints a table and writes it as JSON (reports/bench_train.json for seed 0, bench_train_seed<N>.json else).
+Seed 0 is the development split: recipes and the new model were chosen on it (its test scores seen).
+Seed 1 is the check: the same drawings split afresh, recipes fixed beforehand.
+
+--cpus runs the same runs once per CPU configuration, each in its own process: "native" is this CPU as
+it is, "avx2" caps oneDNN and ATen at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), which makes
+a CPU with AMX/AVX512-BF16 behave like one without native bfloat16 (most AMD and client Intel CPUs).
+Each configuration prints its table under the machine's description and writes
+reports/bench_train_seed<N>_<cpu>.json.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,27 +28,35 @@ from pathlib import Path
 import torch
 
 from utils.data import load_bitmaps, split
-from utils.models import build_model, count_parameters
-from utils.train import RECIPES, TrainConfig, fit, pick_device, score_and_save, set_seed
+from utils.device import describe_machine, machine_info
+from utils.io import write_json
+from utils.models import build_model, count_parameters, flops_per_image
+from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, score_and_save, set_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "quickdraw" / "full"
 # name -> (what it is, TrainConfig fields from utils.train.RECIPES)
 RUNS: dict[str, tuple[str, dict]] = {
-    "v1": ("V1, the original recipe: Adam 1e-3, batch 64, 10 epochs, no augmentation", RECIPES["v1"]),
+    "v1": ("V1, the original recipe: Adam 1e-3, batch 64, 10 epochs, no augmentation, fp32", RECIPES["v1"]),
     "v2": ("V2, the original recipe", RECIPES["v2"]),
     "v2-xl": ("V2-XL: V2, the original recipe, on the training split plus its rotated and flipped copies",
               RECIPES["v2-xl"]),
     "v2-tuned": ("V2, our recipe: online turns/flips/zooms/shifts, AdamW one-cycle, label smoothing 0.1, batch 256, "
-                 "bf16 autocast, channels-last", RECIPES["v2-tuned"]),
-    # What bfloat16 and channels-last alone bring to v2-tuned's speed: the same run without them.
-    "v2-tuned-fp32": ("v2-tuned with bf16 autocast and channels-last off (float32, NCHW), all else the same",
+                 "precision and memory format timed", RECIPES["v2-tuned"]),
+    # What the precision choice alone brings to v2-tuned's speed: the same run in float32, NCHW.
+    "v2-tuned-fp32": ("v2-tuned forced to float32 and NCHW, all else the same",
                       dict(RECIPES["v2-tuned"], bf16=False, channels_last=False)),
-    "resnet": ("QuickDrawResNet with the same kind of recipe, 20 epochs, stopped early if 14.5 min would pass",
-               RECIPES["resnet"]),
+    "resnet": ("QuickDrawResNet with the same kind of recipe, schedule sized to 14.5 min", RECIPES["resnet"]),
+    "qdnet": ("QuickDrawNet (ours, built for float32 FLOPs) with the same kind of recipe, schedule sized to 14.5 min",
+              RECIPES["qdnet"]),
 }
 SPLITS = ("val", "test")
 SCORES = ("top1", "top3", "map3")
+# CPU configurations: the environment each one's process runs in.
+CPUS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": dict(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2"),
+}
 
 
 def load(max_per_class: int | None, seed: int):
@@ -60,7 +72,7 @@ def run(name: str, train, val, test, seed: int, quick: bool, out_dir: Path, thre
     device it trained on."""
     description, fields = RUNS[name]
     overrides = dict(seed=seed, progress=sys.stderr.isatty(), num_threads=threads, device=str(device),
-                     **(dict(epochs=1) if quick else {}))
+                     **(dict(epochs=1, max_minutes=None) if quick else {}))
     config = TrainConfig(**dict(fields, **overrides))
     load_before = os.getloadavg()
     set_seed(seed)
@@ -69,17 +81,24 @@ def run(name: str, train, val, test, seed: int, quick: bool, out_dir: Path, thre
     history = fit(model, train, val, config, out=out, device=device)
     _, scores = score_and_save(out, model, config, train.classes, history, device, val=val, test=test)
     return dict(name=name, description=description, config=dataclasses.asdict(config), params=count_parameters(model),
+                flops_per_image=flops_per_image(model), precision=history["precision"], budget=history["budget"],
                 epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
                 train_seconds=history["train_seconds"], fit_seconds=history["fit_seconds"],
                 images_per_s=history["train_images_per_s"], loadavg_before=load_before, loadavg_after=os.getloadavg(),
                 **scores)
 
 
+def epochs_cell(r: dict) -> str:
+    """e.g. "25 (24)", or "9 (9), sized to 14.5 min" where a budget set the count."""
+    cell = f"{r['epochs']} ({r['best_epoch']})"
+    return cell + (f", sized to {r['budget']['minutes']:g} min of {r['budget']['max_epochs']}" if r.get("budget") else "")
+
+
 def table(results: list[dict]) -> str:
-    head = ["run", "params", "epochs (best)", "stopped", "train s", "fit s", "img/s",
+    head = ["run", "params", "MFLOPs/img", "precision", "epochs (best)", "train s", "fit s", "img/s",
             *(f"{s} {k}" for s in SPLITS for k in SCORES)]
-    rows = [[r["name"], f"{r['params']:,}", f"{r['epochs']}/{r['config']['epochs']} ({r['best_epoch']})", r["stopped"],
-             f"{r['train_seconds']:.0f}", f"{r['fit_seconds']:.0f}", f"{r['images_per_s']:,.0f}",
+    rows = [[r["name"], f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.1f}", r["precision"]["precision"],
+             epochs_cell(r), f"{r['train_seconds']:.0f}", f"{r['fit_seconds']:.0f}", f"{r['images_per_s']:,.0f}",
              *(f"{r[s][k]:.2%}" for s in SPLITS for k in SCORES)] for r in results]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     fmt = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
@@ -89,81 +108,117 @@ def table(results: list[dict]) -> str:
 def verdicts(by_name: dict[str, dict]) -> list[str]:
     """The goals and the claims, checked on the figures of this run."""
     out = []
-    base, xl, tuned, plain, strong = map(by_name.get, ("v2", "v2-xl", "v2-tuned", "v2-tuned-fp32", "resnet"))
+    base, xl, tuned, plain = map(by_name.get, ("v2", "v2-xl", "v2-tuned", "v2-tuned-fp32"))
     speed = lambda a, b: a["images_per_s"] / b["images_per_s"]
     top1 = lambda r: r["test"]["top1"]
     if tuned:
-        line = f"v2-tuned: test top-1 {top1(tuned):.2%} (goal >= 92%)"
+        line = f"v2-tuned ({tuned['precision']['precision']}): test top-1 {top1(tuned):.2%} (goal >= 92%)"
         if base:
             line += f", {speed(tuned, base):.2f}x the original recipe's training images/s (goal >= 1.4x)"
         out.append(line)
     if tuned and plain:
-        line = (f"bf16 + channels-last: v2-tuned trains {speed(tuned, plain):.2f}x the images/s of the same run "
-                f"without them (test top-1 {top1(tuned):.2%} with, {top1(plain):.2%} without)")
-        if base:
-            line += (f"; of its {speed(tuned, base):.2f}x over the original recipe, {speed(tuned, plain):.2f}x comes "
-                     f"from them and {speed(plain, base):.2f}x from the rest of the recipe (batch 256 etc.)")
-        out.append(line)
+        out.append(f"precision: v2-tuned in {tuned['precision']['precision']} trains {speed(tuned, plain):.2f}x the "
+                   f"images/s of the same run in fp32 NCHW (test top-1 {top1(tuned):.2%} vs {top1(plain):.2%})")
     if xl and base:
         out.append(f"v2-xl: test top-1 {top1(xl):.2%} vs {top1(base):.2%} for v2 ({100 * (top1(xl) - top1(base)):+.2f} "
                    f"points), {xl['train_seconds'] / base['train_seconds']:.1f}x the training time")
-    if strong:
-        out.append(f"resnet: test top-1 {top1(strong):.2%} (goal >= 94%) after {strong['fit_seconds'] / 60:.1f} "
-                   f"min of training with validation (goal <= 15 min), {strong['params']:,} parameters, "
-                   f"{strong['epochs']} of {strong['config']['epochs']} epochs ({strong['stopped']})")
+    for name in ("resnet", "qdnet"):
+        r = by_name.get(name)
+        if r:
+            out.append(f"{name} ({r['precision']['precision']}): test top-1 {top1(r):.2%} (goal >= 94%) after "
+                       f"{r['fit_seconds'] / 60:.1f} min of training with validation (goal <= 15 min), {r['params']:,} "
+                       f"parameters, {r['flops_per_image'] / 1e6:.1f} MFLOPs per image, {r['images_per_s']:,.0f} "
+                       f"images/s, {describe_budget(r['budget']) or str(r['epochs']) + ' epochs'} ({r['stopped']})")
     return out
 
 
-def report_path(seed: int) -> Path:
-    """Each seed its own file, so a run never replaces another seed's figures."""
-    return ROOT / "reports" / ("bench_train.json" if seed == 0 else f"bench_train_seed{seed}.json")
+def report_path(seed: int, cpu: str) -> Path:
+    """Each seed and CPU configuration its own file, so a run never replaces another's figures."""
+    return ROOT / "reports" / f"bench_train_seed{seed}_{cpu}.json"
+
+
+def in_configuration(cpu: str) -> bool:
+    """Whether this process already runs with `cpu`'s environment (native: none of the caps set)."""
+    env = CPUS[cpu] or {k: "" for k in CPUS["avx2"]}
+    return all(os.environ.get(k, "") == v for k, v in env.items())
+
+
+def run_in_child(cpu: str, argv: list[str]) -> int:
+    """This benchmark again, for one configuration, in a process with that configuration's environment."""
+    env = {k: v for k, v in os.environ.items() if k not in CPUS["avx2"]}
+    env.update(CPUS[cpu])
+    print(f"\n=== CPU configuration {cpu}: {' '.join(f'{k}={v}' for k, v in CPUS[cpu].items()) or 'as is'} ===",
+          flush=True)
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_train", *argv, "--cpus", cpu], cwd=ROOT,
+                          env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=",".join(RUNS), help=f"comma-separated runs from {', '.join(RUNS)}")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated runs from {', '.join(RUNS)}")
+    p.add_argument("--cpus", default="native", help=f"comma-separated CPU configurations from {', '.join(CPUS)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 drawings a class and 1 epoch per run")
     p.add_argument("--seed", type=int, default=0, help="split, weights and batch order (0: the development split)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for every run alike (default: torch's choice, one per core)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps: trains and scores every run")
     p.add_argument("--json", default=None,
-                   help="results file (default: reports/bench_train.json for seed 0, reports/bench_train_seed<N>.json "
-                        "otherwise; none with --quick)")
+                   help="results file for a single configuration (default: reports/bench_train_seed<N>_<cpu>.json; "
+                        "none with --quick)")
     p.add_argument("--models-dir", default=str(ROOT / "models" / "bench"), help="where the checkpoints go")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        p.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
-    device = pick_device(args.device)
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    cpus = [c.strip() for c in args.cpus.split(",") if c.strip()]
+    unknown = [n for n in names if n not in RUNS] + [c for c in cpus if c not in CPUS]
+    if unknown or not names or not cpus:
+        p.error(f"unknown or no runs/CPU configurations {unknown}; choose runs from {', '.join(RUNS)} and "
+                f"configurations from {', '.join(CPUS)}")
+    if len(cpus) > 1 or not in_configuration(cpus[0]):
+        if args.json and len(cpus) > 1:
+            p.error("--json names one file: give one configuration with it")
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        rest = [a for i, a in enumerate(rest) if not (a == "--cpus" or a.startswith("--cpus=") or
+                                                      (i > 0 and rest[i - 1] == "--cpus"))]
+        return max(run_in_child(cpu, rest) for cpu in cpus)
+    return bench(args, names, cpus[0])
 
+
+def bench(args, names: list[str], cpu: str) -> int:
+    device = pick_device(args.device)
+    info = machine_info()
     t0 = time.perf_counter()
     train, val, test = load(200 if args.quick else None, args.seed)
+    print(f"{describe_machine(info)}; CPU configuration {cpu}")
     print(f"{len(train.classes)} categories: train {len(train):,}, val {len(val):,}, test {len(test):,} drawings "
-          f"(split seed {args.seed}); loaded in {time.perf_counter() - t0:.1f} s")
-    print(f"torch {torch.__version__} on {device}, {args.threads or torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; load average {os.getloadavg()}")
+          f"(split seed {args.seed}); loaded in {time.perf_counter() - t0:.1f} s; on {device}, "
+          f"{args.threads or torch.get_num_threads()} threads; load average {os.getloadavg()}", flush=True)
     results = []
+    models_dir = Path(args.models_dir) / cpu
+    path = args.json or (None if args.quick else report_path(args.seed, cpu))
     for name in names:
         print(f"\n{name}: {RUNS[name][0]}", flush=True)
-        r = run(name, train, val, test, args.seed, args.quick, Path(args.models_dir), args.threads, device)
+        r = run(name, train, val, test, args.seed, args.quick, models_dir, args.threads, device)
         results.append(r)
-        print(f"  {r['epochs']} epochs (best {r['best_epoch']}, {r['stopped']}), {r['train_seconds']:.0f} s training, "
+        budget = describe_budget(r["budget"])
+        print(f"  precision {r['precision']['precision']} ({r['precision']['how']}"
+              f"{', images/s ' + str(r['precision']['images_per_s']) if r['precision']['images_per_s'] else ''}); "
+              f"{r['epochs']} epochs{' (' + budget + ')' if budget else ''}, best {r['best_epoch']}, "
+              f"{r['train_seconds']:.0f} s training, {r['fit_seconds']:.0f} s with validation, "
               f"{r['images_per_s']:,.0f} images/s; val top-1 {r['val']['top1']:.2%}, test top-1 {r['test']['top1']:.2%}; "
               f"load average {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
-    print("\n" + table(results))
-    checks = verdicts({r["name"]: r for r in results})
+        checks = verdicts({r["name"]: r for r in results})
+        if path:  # after every run: an interrupted benchmark keeps what it measured
+            write_json(path, dict(quick=args.quick, seed=args.seed, cpu_configuration=cpu, env=CPUS[cpu],
+                                  machine=info, machine_line=describe_machine(info), device=str(device),
+                                  runs=names, results=results, checks=checks,
+                                  sizes=dict(train=len(train), val=len(val), test=len(test))), indent=1)
+    print(f"\n{describe_machine(info)}; CPU configuration {cpu}\n" + table(results))
     print("\n".join(checks))
     print(f"load average at the end: {os.getloadavg()}")
-    path = args.json or (None if args.quick else report_path(args.seed))
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(dict(quick=args.quick, seed=args.seed, device=str(device),
-                                              torch=torch.__version__, results=results, checks=checks,
-                                              sizes=dict(train=len(train), val=len(val), test=len(test))), indent=1))
         print(f"written: {path}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from utils.models import MODELS, QuickDrawCNN_V1, QuickDrawCNN_V2, build_model, count_parameters
+from utils.models import (MODELS, QuickDrawCNN_V1, QuickDrawCNN_V2, QuickDrawNet, build_model, count_parameters,
+                          flops_per_image)
 
 
 def param_counts(model):
@@ -59,3 +60,41 @@ def test_count_parameters_skips_frozen_ones():
     model = QuickDrawCNN_V1(10)
     model.features[0].weight.requires_grad_(False)  # 16*1*5*5 = 400 frozen
     assert count_parameters(model) == 416 + 12_832 + 15_690 - 400
+
+
+def test_quickdrawnet_works_at_28_then_14_then_7_pixels():
+    model = QuickDrawNet(17, widths=(8, 16, 24), blocks=(2, 1)).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert model.stem(x).shape == (2, 8, 28, 28)
+    assert model.stage1(model.stem(x)).shape == (2, 16, 14, 14)
+    assert model.stage2(model.stage1(model.stem(x))).shape == (2, 24, 7, 7)
+    assert len(model.stage1) == 1 + 2 and len(model.stage2) == 1 + 1  # downsample + residual blocks
+
+
+def test_flops_per_image_counts_multiply_adds_twice():
+    # V1 by hand: conv 1->16 5x5 at 28x28, conv 16->32 5x5 at 14x14, linear 1568->10
+    macs = 16 * 25 * 28 * 28 + 16 * 32 * 25 * 14 * 14 + 1568 * 10
+    model = QuickDrawCNN_V1(10).train()
+    assert flops_per_image(model) == 2 * macs
+    assert model.training  # its mode is left as found
+    qdnet = build_model("qdnet", 17)
+    stats = qdnet.stem[1].running_mean.clone()
+    flops_per_image(qdnet)
+    assert torch.equal(qdnet.stem[1].running_mean, stats)  # and its BatchNorm statistics
+    # the 28x28 stage is what QuickDrawNet saves: it needs fewer FLOPs than the ResNet at the same widths
+    assert flops_per_image(build_model("qdnet", 17)) < 0.8 * flops_per_image(build_model("resnet", 17))
+
+
+def test_quickdrawnet_predicts_a_drawing_and_its_mirror_alike():
+    torch.manual_seed(0)
+    model = QuickDrawNet(5, widths=(8, 16, 24)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(model(x), (model.logits(x) + model.logits(x.flip(-1))) / 2)
+    torch.testing.assert_close(model(x.flip(-1)), model(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model.logits(x.flip(-1)), model.logits(x))  # the network alone is not symmetric
+    model.train()
+    outputs = []
+    for f in (model, model.logits):
+        torch.manual_seed(1)  # the same dropout mask
+        outputs.append(f(x))
+    torch.testing.assert_close(*outputs)  # training sees one image per drawing

@@ -17,7 +17,7 @@ from utils.download import Fetched
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["airplane", "alarm clock", "cloud", "smiley face"]  # 4 of the mirror's 17 bitmap categories
 FIGURES = ["samples", "heatmaps", "counts", "augmentation", "curves_v1", "curves_v2", "curves_v2-xl",
-           "curves_v2-tuned", "curves_resnet", "accuracy", "confusion", "per_class", "misclassified"]
+           "curves_v2-tuned", "curves_quickdrawnet", "accuracy", "confusion", "per_class", "misclassified"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,19 +182,33 @@ def test_best_is_chosen_by_validation_and_reported():
 
 def test_conclusion_weighs_gains_against_training_time():
     results = [fake_result("V2", val=0.80, test=0.80), fake_result("V2-XL", val=0.81, test=0.805, seconds=50),
-               fake_result("ResNet", val=0.90, test=0.85, seconds=30)]
+               fake_result("QuickDrawNet", val=0.90, test=0.85, seconds=30)]
     assert study.findings(results).conclusion == (
         "**In short:** The original study's rotated and flipped copies (V2-XL) moved V2's test top-1 by "
-        "+0.50 points for 5.0x its training time; ResNet, the best run by validation, moved it by +5.00 points "
+        "+0.50 points for 5.0x its training time; QuickDrawNet, the best run by validation, moved it by +5.00 points "
         "for 3.0x.")
 
 
-def test_time_capped_run_is_shown_as_such():
-    results = [fake_result("V2", val=0.8, test=0.8), fake_result("ResNet", 0.9, 0.9, epochs=2, stopped="time_budget")]
-    rows = [[c.strip() for c in line.split("|")] for line in str(study.comparison_table(results)).splitlines()]
-    assert rows[0][5] == "epochs" and rows[2][5] == "3" and rows[3][5] == "2 of 3 (time cap)"
-    assert "ResNet stopped after 2 of 3 epochs (time cap); it is scored at its best epoch, 2." in \
-        study.findings(results).items
+def test_budget_and_precision_are_shown():
+    sized = fake_result("QuickDrawNet", 0.9, 0.9, epochs=7, seconds=600)
+    sized.update(fit_seconds=840.0, budget=dict(minutes=14.5, epochs=7, max_epochs=30),
+                 precision=dict(precision="bf16 NHWC", how="measured", bf16=True, channels_last=True,
+                                images_per_s={"fp32 NCHW": 1000.0, "bf16 NHWC": 2500.0}))
+    forced = fake_result("V2", val=0.8, test=0.8)
+    forced["precision"] = dict(precision="fp32 NCHW", how="forced", bf16=False, channels_last=False, images_per_s={})
+    capped = fake_result("V1", 0.7, 0.7, epochs=2, stopped="time_budget")  # an older run stopped by its cap
+    rows = [[c.strip() for c in line.split("|")] for line in
+            str(study.comparison_table([forced, sized, capped])).splitlines()]
+    assert rows[0][5:7] == ["precision", "epochs"]
+    assert rows[2][5:7] == ["fp32 NCHW (set)", "3"]
+    assert rows[3][5:7] == ["bf16 NHWC (timed)", "7 of 30, sized to 14.5 min"]
+    assert rows[4][5:7] == ["fp32 NCHW", "2 of 3 (time cap)"]
+    items = study.findings([forced, sized, capped]).items
+    assert "QuickDrawNet: 7 epochs, sized to 14.5 min (at most 30), from its speed timed early in the first epoch; " \
+           "it trained for 14.0 min with validation, its schedule run to the end." in items
+    assert "QuickDrawNet trained in bf16 NHWC, the fastest of fp32 NCHW (1,000 images/s), bf16 NHWC (2,500 images/s) " \
+           "as timed before training." in items
+    assert "V1 stopped after 2 of 3 epochs (time cap); it is scored at its best epoch, 2." in items
 
 
 def test_history_table_marks_the_kept_epoch():

@@ -1,6 +1,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 import utils.train as train_module
 from utils.data import QuickDrawSet
+from utils.device import cpu_flags, native_bf16_cpu
 from utils.models import build_model
 from utils.train import (CheckpointError, TrainConfig, fit, history_path, last_path, load_checkpoint, pick_device,
                          save_checkpoint, set_seed)
@@ -91,15 +93,7 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, schedule)
 
     straight = run(tmp_path / "a.pt", 4)
     # The same run killed during its third epoch, then resumed from the end of the second.
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def killed_in_epoch_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_3)
+    real_epoch = killed_in_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b.pt", 4)
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
@@ -111,21 +105,87 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, schedule)
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_with_other_settings_names_them_and_runtime_settings_may_change(tmp_path):
+class FakeClock:
+    """A clock that moves `tick` seconds at every reading: fit's timing without waiting."""
+
+    def __init__(self, tick: float = 1.0):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def killed_in_epoch(monkeypatch, n: int):
+    """Make fit's n-th train_one_epoch call raise KeyboardInterrupt (as if the run were stopped)."""
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed)
+    return real_epoch
+
+
+def test_a_budget_sizes_the_schedule_and_the_run_ends_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "CLOCK", FakeClock())
     out = tmp_path / "v1.pt"
-    config = TrainConfig(model="v1", epochs=3, batch_size=32, schedule="onecycle", patience=None, max_minutes=1e-9,
+    config = TrainConfig(model="v1", epochs=20, batch_size=16, schedule="onecycle", patience=None, max_minutes=1.2,
                          **QUIET)
     set_seed(0)
-    stopped = fit(build_model("v1", 2), TRAIN, VAL, config, out=out)
-    assert stopped["stopped"] == "time_budget" and len(stopped["train_loss"]) == 1  # the cap passed in epoch 1
+    history = fit(build_model("v1", 2), TRAIN, VAL, config, out=out)
+    budget, steps = history["budget"], len(TRAIN) // 16
+    # The plan follows from what was measured (the fake clock: one second per reading) ...
+    assert budget["batch_seconds"] == pytest.approx(1.0) and budget["val_seconds"] > 0
+    elapsed = budget["planned_seconds"] - (budget["epochs"] * steps - budget["measured_after_batches"]) * \
+        budget["batch_seconds"] - budget["epochs"] * budget["val_seconds"]
+    assert budget["epochs"] == train_module.plan_epochs(72, elapsed, budget["batch_seconds"], steps,
+                                                        budget["measured_after_batches"], budget["val_seconds"], 20)
+    # ... the budget bound it (more than one epoch, fewer than the recipe's 20), the plan fits in it ...
+    assert 1 < budget["epochs"] < 20 and budget["planned_seconds"] <= 72
+    assert budget["label"] == f"{budget['epochs']} epochs, sized to 1.2 min"
+    # ... and the run trained exactly that schedule to its end: one-cycle's last step, its rate near zero.
+    last = torch.load(last_path(out), weights_only=True)
+    assert len(history["train_loss"]) == budget["epochs"] and history["stopped"] == "completed"
+    assert last["scheduler"]["total_steps"] == last["scheduler"]["last_epoch"] == budget["epochs"] * steps
+    assert last["optimizer"]["param_groups"][0]["lr"] < config.lr / 100
+
+
+def test_plan_epochs_fits_the_budget():
+    for budget, batch_s, val_s in ((900, 0.2, 5.0), (900, 1.0, 30.0), (60, 0.01, 0.5), (10, 5.0, 10.0)):
+        epochs = train_module.plan_epochs(budget, 20.0, batch_s, 100, 10, val_s, max_epochs=30)
+        cost = lambda e: 20.0 + (e * 100 - 10) * batch_s + e * val_s
+        assert 1 <= epochs <= 30
+        assert epochs == 1 or cost(epochs) <= 0.95 * budget  # fits, with the margin kept
+        assert epochs == 30 or cost(epochs + 1) > 0.95 * budget  # and one more would not
+
+
+def test_resume_with_other_settings_names_them_and_runtime_settings_may_change(tmp_path, monkeypatch):
+    out = tmp_path / "v1.pt"
+    monkeypatch.setattr(train_module, "CLOCK", FakeClock())
+    config = TrainConfig(model="v1", epochs=20, batch_size=32, schedule="onecycle", patience=None, max_minutes=1.0,
+                         **QUIET)
+    set_seed(0)
+    real_epoch = killed_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("v1", 2), TRAIN, VAL, config, out=out)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    planned = json.loads(history_path(out).read_text())["budget"]["epochs"]
+    assert 2 <= planned < 20
     # More epochs would run the one-cycle schedule past its end; a new lr or augmentation is another run.
-    for change, message in ((dict(epochs=4), "epochs 3 -> 4"), (dict(lr=0.002, augment="xl"), "lr 0.001 -> 0.002, augment")):
+    for change, message in ((dict(epochs=4), "epochs 20 -> 4"), (dict(lr=0.002, augment="xl"), "lr 0.001 -> 0.002, augment"),
+                            (dict(bf16=True), "bf16 False -> True")):
         with pytest.raises(ValueError, match=message):
             fit(build_model("v1", 2), TRAIN, VAL, dataclasses.replace(config, **change), out=out, resume=True)
-    runtime = dataclasses.replace(config, max_minutes=None, eval_batch_size=50, num_threads=2, device="cpu")
+    # Runtime settings may change; the budget's plan holds (no new budget, no new schedule length).
+    runtime = dataclasses.replace(config, max_minutes=None, eval_batch_size=50, num_threads=2, device="cpu", bf16="auto")
     resumed = fit(build_model("v1", 2), TRAIN, VAL, runtime, out=out, resume=True)
-    assert len(resumed["train_loss"]) == 3 and resumed["stopped"] == "completed"
-    assert resumed["train_images"] == 32 + 2 * len(TRAIN)  # one batch before the cap, then two whole epochs
+    assert len(resumed["train_loss"]) == planned and resumed["stopped"] == "completed"
+    assert resumed["train_images"] == planned * len(TRAIN)
+    assert load_checkpoint(out)[1]["config"]["bf16"] is False  # the saved choice, not "auto"
 
 
 @pytest.mark.parametrize("how", ["early_stopping", "completed"])
@@ -266,7 +326,7 @@ def test_cli_dry_run_downloads_trains_and_prints_json_last(tmp_path, mirror_url)
     proc = subprocess.run(
         [sys.executable, "-m", "utils.train", "--model", "v2", "--categories", "smiley face,cloud", "--max-per-class",
          "40", "--epochs", "1", "--augment", "online", "--data", str(tmp_path / "data"), "--out", str(out),
-         "--base-url", mirror_url, "--dry-run", "--no-progress", "--batch-size", "16"],
+         "--base-url", mirror_url, "--dry-run", "--no-progress", "--batch-size", "16", "--max-minutes", "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -275,9 +335,16 @@ def test_cli_dry_run_downloads_trains_and_prints_json_last(tmp_path, mirror_url)
         assert result[split]["n"] == 8  # 10% of 40 drawings of each of 2 categories: the whole split
         assert 0 <= result[split]["top1"] <= result[split]["top3"] == 1.0
     assert result["train_seconds"] > 0 and result["train_images_per_s"] > 0
+    # neither --bf16 nor --no-bf16: timed; the choice, its rates and the budget's use are in the JSON line
+    rates = result["precision"]["images_per_s"]
+    assert result["precision"]["how"] == "measured" and result["precision"]["precision"] == max(rates, key=rates.get)
+    assert "precision: " + result["precision"]["precision"] in proc.stderr
+    assert result["budget"]["label"] == "1 epoch, sized to 5 min" and result["epochs"] == 1
     assert np.load(tmp_path / "data" / "numpy_bitmap" / "smiley face.npy").shape == (40, 784)
     _, ckpt = load_checkpoint(out)
     assert ckpt["classes"] == ["smiley face", "cloud"] and ckpt["metrics"]["test"]["n"] == 8
+    assert ckpt["config"]["bf16"] is result["precision"]["bf16"]  # the choice made, not "auto"
+    assert ckpt["history"]["precision"] == result["precision"]
 
 
 def test_cli_reports_an_unknown_category(tmp_path):
@@ -295,3 +362,119 @@ def test_recipe_flag_sets_defaults_and_explicit_flags_win():
         recipe["model"], recipe["batch_size"], recipe["schedule"], recipe["augment"])
     assert args.epochs == 3 != recipe["epochs"]
     assert parse_args(["--categories", "cat"]).batch_size == TrainConfig().batch_size
+    assert args.bf16 == args.channels_last == "auto"  # our recipes time it
+    assert parse_args(["--recipe", "v2-tuned", "--categories", "cat", "--no-bf16"]).bf16 is False
+    assert parse_args(["--recipe", "v2", "--categories", "cat"]).bf16 is False  # the original recipe: fp32
+    assert parse_args(["--categories", "cat", "--channels-last"]).channels_last is True
+
+
+def test_time_candidates_reports_each_rate_and_drops_the_hopeless(monkeypatch):
+    clock, calls = FakeClock(tick=0.0), {"fast": 0, "slow": 0, "hopeless": 0}
+    cost = {"fast": 0.01, "slow": 0.02, "hopeless": 0.5}  # seconds per step of 32 images
+
+    def step(name):
+        calls[name] += 1
+        busy = name == "fast" and calls[name] % 3 == 0  # another process takes the CPU now and then
+        clock.now += cost[name] * (5 if busy else 1)
+
+    steps = {name: (lambda n=name: step(n)) for name in cost}
+    rates = train_module.time_candidates(steps, 32, seconds=0.2, rounds=2, clock=clock)
+    for name in cost:  # the undisturbed steps' rate
+        assert rates[name] == pytest.approx(32 / cost[name], rel=1e-6)
+    assert max(rates, key=rates.get) == "fast"
+    # one warm-up step each; the hopeless one runs a single step in the first turn and none after
+    assert calls["hopeless"] == 2 and calls["fast"] >= 1 + 2 * 5 and calls["slow"] >= 1 + 2 * 5
+
+
+def test_choose_precision_times_the_real_step_and_keeps_the_fastest():
+    set_seed(0)
+    model = build_model("v1", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    config = TrainConfig(model="v1", batch_size=32, bf16="auto", channels_last="auto", **QUIET)
+    choice = train_module.choose_precision(model, TRAIN, config, torch.device("cpu"), seconds=0.1)
+    assert set(choice["images_per_s"]) == {"fp32 NCHW", "fp32 NHWC", "bf16 NCHW", "bf16 NHWC"} - \
+        {k for k, v in choice["images_per_s"].items() if v == 0}
+    assert choice["how"] == "measured" and choice["precision"] == max(choice["images_per_s"], key=choice["images_per_s"].get)
+    assert (choice["bf16"], choice["channels_last"]) == (choice["precision"].startswith("bf16"),
+                                                         choice["precision"].endswith("NHWC"))
+    assert "fastest; measured training images/s: fp32 NCHW" in train_module.describe_precision(choice)
+    # the run itself is untouched: same weights, same random state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert torch.equal(torch.get_rng_state(), rng)
+    forced = train_module.choose_precision(model, TRAIN, dataclasses.replace(config, bf16=False, channels_last=True),
+                                           torch.device("cpu"))
+    assert forced == dict(bf16=False, channels_last=True, precision="fp32 NHWC", how="forced", images_per_s={})
+
+
+def test_precision_candidates_and_dtypes_per_device(monkeypatch):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    auto = TrainConfig(bf16="auto", channels_last="auto")
+    assert train_module.precision_candidates(auto, cpu) == [(False, False), (False, True), (True, False), (True, True)]
+    assert train_module.precision_candidates(dataclasses.replace(auto, bf16=True), cpu) == [(True, False), (True, True)]
+    assert train_module.precision_candidates(auto, mps) == [(False, False), (False, True)]  # no autocast there
+    assert train_module.amp_dtype(cpu, True) == torch.bfloat16 and train_module.amp_dtype(cpu, False) is None
+    for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        assert train_module.amp_dtype(cuda, True) == dtype
+    assert train_module.precision_name(torch.float16, False) == "fp16 NCHW"
+    with pytest.raises(ValueError, match="bf16 must be True, False or 'auto'"):
+        TrainConfig(bf16="yes")
+
+
+def test_float16_step_scales_the_loss_and_still_learns():
+    """The path CUDA GPUs without bfloat16 take (autocast float16 with a gradient scaler), run on the CPU."""
+    set_seed(0)
+    model = build_model("v1", 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = TRAIN.images[:64].float()[:, None] / 255, TRAIN.labels[:64]
+    losses = [train_module.train_step(model, x, y, optimizer, scaler, torch.float16, False)[0].item() for _ in range(30)]
+    assert scaler.get_scale() > 0 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] / 2
+
+
+CHOOSE_IN_CHILD = """
+import json, sys, torch
+from utils.data import QuickDrawSet
+from utils.device import set_seed
+from utils.models import build_model
+from utils.train import TrainConfig, choose_precision
+model, batch = sys.argv[1], int(sys.argv[2])
+set_seed(0)
+images = (torch.rand(batch, 28, 28) > 0.8).to(torch.uint8) * 255  # stroke-like: mostly blank
+ds = QuickDrawSet(images, torch.arange(batch) % 17, [str(i) for i in range(17)])
+config = TrainConfig(model=model, batch_size=batch, bf16="auto", channels_last="auto", progress=False)
+print(json.dumps(dict(choice=choose_precision(build_model(model, 17), ds, config, torch.device("cpu"), seconds=0.6),
+                      capability=torch.backends.cpu.get_cpu_capability())))
+"""
+
+
+def choose_in_child(env: dict, model: str, batch: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHOOSE_IN_CHILD, model, str(batch)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="needs a CPU with AVX2 to emulate an AVX2-only one")
+def test_auto_precision_picks_fp32_on_avx2_and_bf16_where_it_is_faster():
+    """"auto" chooses by the rates it measures: on an AVX2-only CPU (this one, capped per process through
+    oneDNN's and ATen's ISA variables) bf16 is emulated and several times slower, so fp32 wins; where
+    bf16 is native it wins. V2 on AVX2 (a bf16 step of the larger QuickDrawNet takes seconds there);
+    QuickDrawNet natively (on V2 bf16 wins by less, so little that a busy machine can hide it)."""
+    def best(rates, kind):
+        return max(v for k, v in rates.items() if k.startswith(kind))
+
+    avx2 = choose_in_child(dict(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2"), "v2", 256)
+    rates = avx2["choice"]["images_per_s"]
+    assert avx2["capability"] == "AVX2" and avx2["choice"]["how"] == "measured"
+    assert avx2["choice"]["precision"] == max(rates, key=rates.get)
+    assert avx2["choice"]["bf16"] is False and best(rates, "fp32") > best(rates, "bf16"), rates
+    here = choose_in_child(dict(ONEDNN_MAX_CPU_ISA="ALL", ATEN_CPU_CAPABILITY="default"), "qdnet", 128)
+    rates = here["choice"]["images_per_s"]
+    assert here["choice"]["precision"] == max(rates, key=rates.get)
+    assert here["choice"]["bf16"] is (best(rates, "bf16") > best(rates, "fp32")), rates
+    if native_bf16_cpu():
+        assert here["choice"]["bf16"] is True, rates

@@ -5,6 +5,8 @@ logits (B, n_classes).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -86,10 +88,50 @@ class QuickDrawResNet(nn.Module):
         return self.head(self.stage3(self.stage2(self.stage1(self.stem(x)))))
 
 
+class Downsample(nn.Sequential):
+    """Halve the side with a max-pool, then change the width with a ConvBN: (B,c_in,H,W) -> (B,c_out,H/2,W/2)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(nn.MaxPool2d(2), ConvBN(c_in, c_out))
+
+
+class QuickDrawNet(nn.Module):
+    """A residual network sized for float32 FLOPs on a CPU: one conv at 28 pixels, then the work at 14 and 7.
+
+    Full-size 28x28 layers cost the most per channel (4x those at 14), so only the stem runs there, narrow;
+    the residual blocks run at 14 and 7 pixels, where more channels are cheap. Global average pooling keeps
+    the head small. In eval mode the logits are the mean over the drawing and its left-right mirror.
+    """
+
+    def __init__(self, n_classes: int, widths: tuple[int, int, int] = (32, 64, 128), blocks: tuple[int, int] = (1, 1),
+                 dropout: float = 0.2, mirror_average: bool = True):
+        super().__init__()
+        self.mirror_average = mirror_average
+        w0, w1, w2 = widths
+        self.stem = ConvBN(1, w0)                                                        # (B,w0,28,28)
+        self.stage1 = nn.Sequential(Downsample(w0, w1), *(ResidualBlock(w1) for _ in range(blocks[0])))  # (B,w1,14,14)
+        self.stage2 = nn.Sequential(Downsample(w1, w2), *(ResidualBlock(w2) for _ in range(blocks[1])))  # (B,w2,7,7)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),          # (B,w2)
+            nn.Dropout(dropout), nn.Linear(w2, n_classes),  # (B,C)
+        )
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.stage1(self.stem(x))))  # (B,C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.mirror_average:
+            return self.logits(x)
+        # A left-right mirror is a drawing of the same thing (training flips half the batches), so in
+        # eval mode the logits are averaged over the drawing and its mirror image.
+        return (self.logits(x) + self.logits(x.flip(-1))) / 2  # (B,C)
+
+
 MODELS: dict[str, type[nn.Module]] = {
     "v1": QuickDrawCNN_V1,
     "v2": QuickDrawCNN_V2,
     "resnet": QuickDrawResNet,
+    "qdnet": QuickDrawNet,
 }
 
 
@@ -105,3 +147,16 @@ def build_model(name: str, n_classes: int) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def flops_per_image(model: nn.Module) -> int:
+    """Floating-point operations of one training-mode forward pass per 28x28 image (a multiply-add
+    counts 2), as torch.utils.flop_counter counts them (convolutions and matrix products). The backward
+    pass costs about twice as much again; QuickDrawNet's predictions cost twice this (the mirror image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    replica = copy.deepcopy(model).train()  # train mode updates BatchNorm statistics: not the caller's
+    with FlopCounterMode(display=False) as counter:
+        replica(torch.zeros(2, 1, 28, 28, device=next(model.parameters()).device))
+    return counter.get_total_flops() // 2

@@ -36,13 +36,15 @@ from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_
 from utils.io import atomic_write
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
-from utils.train import RECIPES, TrainConfig, fit, pick_device, score_and_save, set_seed
+from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, resolved, score_and_save, set_seed
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
-# Each run of the notebook and its recipe (utils.train.RECIPES).
+# Each run of the notebook and its recipe (utils.train.RECIPES). QuickDrawNet replaced the earlier ResNet
+# (RECIPES["resnet"], still in benchmarks/bench_train.py): as accurate, and within its time budget on CPUs
+# without native bfloat16 too.
 RUNS: dict[str, dict] = {"V1": RECIPES["v1"], "V2": RECIPES["v2"], "V2-XL": RECIPES["v2-xl"],
-                         "V2-tuned": RECIPES["v2-tuned"], "ResNet": RECIPES["resnet"]}
+                         "V2-tuned": RECIPES["v2-tuned"], "QuickDrawNet": RECIPES["qdnet"]}
 METRICS = ("top1", "top3", "map3")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NONE_MEANS = {"max_per_class": "all", "epochs": "each run's recipe", "batch_size": "each run's recipe",
@@ -242,8 +244,9 @@ def train_and_evaluate(name: str, train: QuickDrawSet, val: QuickDrawSet, test: 
     history = fit(model, train, val, tc, out=out, device=device)  # returns with the best epoch's weights loaded
     scores, metrics = score_and_save(out, model, tc, train.classes, history, device=device, val=val, test=test)
     return dict(
-        name=name, model_name=tc.model, recipe=dataclasses.asdict(tc), params=count_parameters(model),
-        train_seconds=history["train_seconds"], images_per_s=history["train_images_per_s"],
+        name=name, model_name=tc.model, recipe=dataclasses.asdict(resolved(tc, history)), params=count_parameters(model),
+        train_seconds=history["train_seconds"], fit_seconds=history["fit_seconds"],
+        images_per_s=history["train_images_per_s"], precision=history["precision"], budget=history["budget"],
         epochs=len(history["train_loss"]), planned_epochs=tc.epochs, stopped=history["stopped"],
         best_epoch=history.get("best_epoch"), history=history,
         checkpoint=str(out), classes=list(train.classes), **metrics,
@@ -267,7 +270,7 @@ def run(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet, c
     plots.save_figure(axes, f"curves_{slug(name)}", config.figures_dir)
     print(f"{name}: val top-1 {result['val']['top1']:.2%}, test top-1 {result['test']['top1']:.2%}, "
           f"{epochs_done(result)} epochs in {result['train_seconds']:.0f} s of training, "
-          f"checkpoint {result['checkpoint']}")
+          f"in {precision_cell(result)}, checkpoint {result['checkpoint']}")
     return result
 
 
@@ -314,19 +317,36 @@ STOP_NOTES = {"time_budget": "time cap", "early_stopping": "early stop"}  # hist
 
 
 def epochs_done(result: dict) -> str:
-    """Epochs trained, e.g. "16 of 20 (time cap)" when fit stopped before the planned count."""
+    """Epochs trained: "10", "9 of 30, sized to 14.5 min" where a time budget set the schedule's length,
+    "16 of 20 (time cap)" or "(early stop)" when fit stopped before the planned count."""
+    budget = result.get("budget")
+    if budget:
+        done = f"{result['epochs']} of {budget['max_epochs']}, sized to {budget['minutes']:g} min"
+    else:
+        done = str(result["epochs"])
     note = STOP_NOTES.get(result.get("stopped"))
-    return f"{result['epochs']} of {result['planned_epochs']} ({note})" if note else str(result["epochs"])
+    if note:
+        done = f"{result['epochs']} of {budget['epochs'] if budget else result['planned_epochs']} ({note})"
+    return done
+
+
+def precision_cell(result: dict) -> str:
+    """e.g. "bf16 NHWC (timed)": the precision and memory format a run trained in, and whether it was
+    chosen by timing or set."""
+    choice = result.get("precision")
+    if not choice:
+        return "fp32 NCHW"
+    return f"{choice['precision']} ({'timed' if choice['how'] == 'measured' else 'set'})"
 
 
 def comparison_table(results: list[dict]) -> Table:
     """Parameters, training time and speed, and validation and test scores of every run.
     The run chosen as best (by validation top-1) is marked with *."""
     best = best_result(results)["name"] if results else None
-    columns = ["model", "params", "train s", "images/s", "epochs"] + [
+    columns = ["model", "params", "train s", "images/s", "precision", "epochs"] + [
         f"{split} {plots.METRIC_NAMES[m]}" for split in ("val", "test") for m in METRICS]
     rows = [[r["name"] + (" *" if r["name"] == best else ""), f"{r['params']:,}", f"{r['train_seconds']:.1f}",
-             f"{r['images_per_s']:,.0f}", epochs_done(r)]
+             f"{r['images_per_s']:,.0f}", precision_cell(r), epochs_done(r)]
             + [f"{100 * r[split][m]:.2f}%" for split in ("val", "test") for m in METRICS] for r in results]
     return Table(columns, rows)
 
@@ -370,12 +390,21 @@ def findings(results: list[dict]) -> Findings:
     for a, b, what in (("V2", "V1", "batch norm, a third conv block and dropout"),
                        ("V2-XL", "V2", "training on rotated and flipped copies"),
                        ("V2-tuned", "V2", "the same network, our recipe"),
-                       ("ResNet", "V2", "the residual network and our recipe")):
+                       ("QuickDrawNet", "V2", "our residual network and recipe")):
         if a in by and b in by:
             points, ratio = _gain(by, a, b)
             out.append(f"{a} vs {b} ({what}): test top-1 {by[b]['test']['top1']:.2%} -> {by[a]['test']['top1']:.2%} "
                        f"({points:+.2f} points), {ratio:.1f}x the training time.")
     for r in results:
+        if r.get("budget"):
+            b = r["budget"]
+            out.append(f"{r['name']}: {describe_budget(b)} (at most {b['max_epochs']}), from its speed timed early "
+                       f"in the first epoch; it trained for {r.get('fit_seconds', r['train_seconds']) / 60:.1f} min "
+                       f"with validation, its schedule run to the end.")
+        if r.get("precision", {}).get("how") == "measured":
+            rates = r["precision"]["images_per_s"]
+            out.append(f"{r['name']} trained in {r['precision']['precision']}, the fastest of "
+                       + ", ".join(f"{k} ({v:,.0f} images/s)" for k, v in rates.items()) + " as timed before training.")
         if r.get("stopped") in STOP_NOTES:
             out.append(f"{r['name']} stopped after {r['epochs']} of {r['planned_epochs']} epochs "
                        f"({STOP_NOTES[r['stopped']]}); it is scored at its best epoch, {r['best_epoch']}.")

@@ -8,6 +8,7 @@ The command's last line on stdout is one JSON object with the validation and tes
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from utils.augment import RandomAugment, xl_augment
 from utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, save_state  # noqa: F401
-from utils.data import QuickDrawSet, iterate_batches, load_bitmaps, split
+from utils.data import QuickDrawSet, iterate_batches, load_bitmaps, split, to_float
 from utils.device import pick_device, set_seed  # noqa: F401  (re-exported for callers of utils.train)
 from utils.categories import resolve_categories
 from utils.download import download_bitmaps
@@ -59,10 +60,11 @@ class TrainConfig:
     patience: int | None = 3         # epochs without a lower validation loss before stopping; None or 0: never
     seed: int = 0                    # batch order and online augmentation (weights: set_seed before building)
     device: str = "auto"
-    channels_last: bool = False      # NHWC activations: faster convolutions on CPU (oneDNN)
-    bf16: bool = False               # bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16 and on GPUs)
+    # "auto": timed before training (choose_precision), the fastest kept; True/False force a choice.
+    channels_last: bool | str = False  # NHWC activations (often faster convolutions on CPU)
+    bf16: bool | str = False         # low-precision autocast: bfloat16 (CPU, GPUs that have it), else float16 on CUDA
     num_threads: int | None = None   # torch intra-op threads during the fit; None: torch's choice
-    max_minutes: float | None = None  # wall-clock budget for the whole fit; stops at an epoch boundary
+    max_minutes: float | None = None  # wall-clock budget for the whole fit: sizes the schedule (at most `epochs`)
     eval_batch_size: int = 1024
     dry_run: bool = False            # two batches per epoch: a quick check that everything runs
     progress: bool = True            # tqdm bars
@@ -72,59 +74,91 @@ class TrainConfig:
                                      ("schedule", self.schedule, SCHEDULES), ("augment", self.augment, AUGMENTS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        for name in ("bf16", "channels_last"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ValueError(f"{name} must be True, False or 'auto', got {getattr(self, name)!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, {self.lr})")
 
 
-# Named recipes: TrainConfig fields. The original study's: Adam at 1e-3, batches of 64, all 10 epochs.
-# Ours: a fresh random turn, flip, zoom and shift per batch, one-cycle AdamW, label smoothing, large
-# batches, bf16 autocast and channels-last (fast on CPUs with AMX/AVX512-BF16 and on GPUs). They were
-# developed on the seed-0 split, whose test scores were seen before the epoch counts of v2-tuned and
-# resnet were raised; seed 1 (the same drawings split afresh) checked them once fixed.
-# One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split
-# plus its rotated and flipped copies (augment="xl", made after the split).
-ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None)
+# Named recipes: TrainConfig fields. The original study's: Adam at 1e-3, batches of 64, all 10 epochs,
+# float32 and NCHW. Ours: a fresh random turn, flip, zoom and shift per batch, one-cycle AdamW, label
+# smoothing, large batches; precision and memory format chosen by timing ("auto"), since bfloat16 is
+# several times faster than float32 on CPUs with AMX/AVX512-BF16 and several times slower on the rest.
+# They were developed on the seed-0 split, whose test scores were seen before the epoch counts of
+# v2-tuned and resnet were raised; seed 1 (the same drawings split afresh) checked them once fixed.
+# One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split plus its
+# rotated and flipped copies (augment="xl", made after the split). A max_minutes budget sizes the
+# schedule: as many of `epochs` as fit, measured early in the first epoch.
+ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None, bf16=False,
+                       channels_last=False)
 OUR_RECIPE = dict(batch_size=256, optimizer="adamw", lr=3e-3, schedule="onecycle", label_smoothing=0.1,
                   augment="online", aug_degrees=15.0, aug_hflip=0.5, aug_scale=0.1, aug_shift=0.05,
-                  bf16=True, channels_last=True, patience=None)
+                  bf16="auto", channels_last="auto", patience=None)
 RECIPES: dict[str, dict] = {
     "v1": dict(ORIGINAL_RECIPE, model="v1"),
     "v2": dict(ORIGINAL_RECIPE, model="v2"),
     "v2-xl": dict(ORIGINAL_RECIPE, model="v2", augment="xl"),
     "v2-tuned": dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4),
     "resnet": dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5),
+    "qdnet": dict(OUR_RECIPE, model="qdnet", epochs=30, weight_decay=5e-4, max_minutes=14.5),
 }
 
 
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 RUNTIME_FIELDS = ("device", "num_threads", "max_minutes", "eval_batch_size", "progress")
+CLOCK = time.perf_counter  # every duration fit measures or plans with (tests put a fake clock here)
 
 
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def amp_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
+    """The autocast dtype `bf16=True` means on `device`: bfloat16 on CPUs and on GPUs that support it,
+    float16 (with a gradient scaler) on older CUDA GPUs; None: float32 (also on MPS)."""
+    if not bf16 or device.type not in ("cpu", "cuda"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def precision_name(dtype: torch.dtype | None, channels_last: bool) -> str:
+    """e.g. "bf16 NHWC", "fp32 NCHW"."""
+    kind = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return f"{kind} {'NHWC' if channels_last else 'NCHW'}"
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, dtype: torch.dtype | None, channels_last: bool,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and optimizer step on one batch x (B,1,28,28), y (B,). Returns (loss, logits (B,C))."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)  # (B,C)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # float16 only: scaled so that small gradients do not underflow
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer, device: torch.device,
-                    scheduler=None, label_smoothing: float = 0.0, bf16: bool = False, channels_last: bool = False,
-                    max_batches: int | None = None, deadline: float | None = None, bar: tqdm | None = None
-                    ) -> tuple[float, float, int]:
+                    scheduler=None, label_smoothing: float = 0.0, dtype: torch.dtype | None = None,
+                    channels_last: bool = False, max_batches: int | None = None, bar: tqdm | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float, int]:
     """One pass over `batches` of (x (B,1,28,28), y (B,)). Returns (mean loss, accuracy, images seen).
 
-    Stops early after max_batches, or once time.perf_counter() passes deadline.
+    dtype: the autocast dtype (None: float32); stops early after max_batches.
     """
     model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, shown = 0, time.perf_counter()
     for i, (x, y) in enumerate(batches):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, bf16):
-            logits = model(x)  # (B,C)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, x, y, optimizer, scaler, dtype, channels_last, label_smoothing)
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach() * len(y)
@@ -135,7 +169,7 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
             if time.perf_counter() - shown >= POSTFIX_SECONDS:  # .item() synchronizes a GPU: not every batch
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}", refresh=False)
                 shown = time.perf_counter()
-        if (max_batches is not None and i + 1 >= max_batches) or (deadline is not None and time.perf_counter() > deadline):
+        if max_batches is not None and i + 1 >= max_batches:
             break
     if bar is not None:
         bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.4f}", acc=f"{correct.item() / max(seen, 1):.2%}")
@@ -151,6 +185,92 @@ def evaluate(model: nn.Module, ds: QuickDrawSet, device: torch.device, batch_siz
     logits = predict_logits(model, ds.images, batch_size=batch_size, device=device, bf16=bf16)
     loss = F.cross_entropy(logits, ds.labels, label_smoothing=label_smoothing)
     return loss.item(), (logits.argmax(1) == ds.labels).float().mean().item()
+
+
+# ------------------------------------------------------------------------------- precision by measurement
+
+def time_candidates(steps: dict, images_per_step: int, seconds: float = 1.0, rounds: int = 3,
+                    clock=time.perf_counter) -> dict:
+    """Images/s of each candidate's step function ({name: step()}), measured in turns.
+
+    Each candidate runs one untimed warm-up step (kernel selection, allocation), then `rounds` turns of
+    about seconds/rounds each, taken in turn so that a busy moment hits them alike. Its rate is that of
+    its fastest step: other work on the machine can only slow a step down. After the first turn,
+    candidates at under half the best rate drop out: noise cannot make them win, and on a CPU without
+    native bf16 a bf16 step can take seconds.
+    """
+    for step in steps.values():
+        step()
+    fastest: dict = {}
+    alive = list(steps)
+    for turn in range(rounds):
+        for name in alive:
+            start = last = clock()
+            while last == start or last - start < seconds / rounds:
+                steps[name]()
+                now = clock()
+                fastest[name] = min(fastest.get(name, float("inf")), now - last)
+                last = now
+        best = min(fastest.values())
+        alive = [name for name in alive if fastest[name] <= 2 * best]
+    return {name: images_per_step / max(t, 1e-9) for name, t in fastest.items()}
+
+
+def precision_candidates(config: TrainConfig, device: torch.device) -> list[tuple[bool, bool]]:
+    """(bf16, channels_last) pairs "auto" may choose from; a forced setting is the only value of its field."""
+    bf16 = [False, True] if config.bf16 == "auto" else [bool(config.bf16)]
+    if amp_dtype(device, True) is None:  # no low-precision autocast on this device
+        bf16 = [False]
+    cl = [False, True] if config.channels_last == "auto" else [bool(config.channels_last)]
+    return [(b, c) for b in bf16 for c in cl]
+
+
+def choose_precision(model: nn.Module, train: QuickDrawSet, config: TrainConfig, device: torch.device,
+                     seconds: float = 1.0, clock=time.perf_counter) -> dict:
+    """Resolve config.bf16 / config.channels_last ("auto": time each candidate's training step).
+
+    The steps run on copies of `model` with their own optimizers, on the first config.batch_size training
+    drawings, so the run itself starts untouched (random state included). Returns dict(bf16, channels_last,
+    precision (e.g. "bf16 NHWC"), how ("measured" or "forced"), images_per_s {precision: rate} if measured).
+    """
+    candidates = precision_candidates(config, device)
+    if len(candidates) == 1:
+        bf16, cl = candidates[0]
+        return dict(bf16=bf16, channels_last=cl, precision=precision_name(amp_dtype(device, bf16), cl), how="forced",
+                    images_per_s={})
+    n = min(config.batch_size, len(train))
+    x, y = to_float(train.images[:n].to(device)), train.labels[:n].to(device)  # (n,1,28,28), (n,)
+    steps, keys = {}, {}
+    for bf16, cl in candidates:
+        replica = copy.deepcopy(model).to(device)
+        if cl:
+            replica = replica.to(memory_format=torch.channels_last)
+        dtype = amp_dtype(device, bf16)
+        optimizer = make_optimizer(replica, config)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        name = precision_name(dtype, cl)
+        keys[name] = (bf16, cl)
+        steps[name] = partial(_synced_step, replica, x, y, optimizer, scaler, dtype, cl, config.label_smoothing)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        rates = time_candidates(steps, n, seconds=seconds, clock=clock)
+    best = max(rates, key=rates.get)
+    return dict(bf16=keys[best][0], channels_last=keys[best][1], precision=best, how="measured",
+                images_per_s={k: round(v, 1) for k, v in rates.items()})
+
+
+def _synced_step(model, x, y, optimizer, scaler, dtype, cl, label_smoothing) -> None:
+    train_step(model, x, y, optimizer, scaler, dtype, cl, label_smoothing)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)  # a GPU step is timed when done, not when queued
+
+
+def describe_precision(choice: dict) -> str:
+    """e.g. "bf16 NHWC (measured images/s: fp32 NCHW 3,797, ..., bf16 NHWC 8,055)"."""
+    if choice["how"] == "forced":
+        return f"{choice['precision']} (set)"
+    rates = ", ".join(f"{k} {v:,.0f}" for k, v in choice["images_per_s"].items())
+    return f"{choice['precision']} (fastest; measured training images/s: {rates})"
+
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -186,7 +306,57 @@ def last_path(out: Path) -> Path:
 def _new_history() -> dict:
     return dict(train_loss=[], train_acc=[], val_loss=[], val_acc=[], lr=[], epoch_seconds=[], train_epoch_seconds=[],
                 train_images=0, train_seconds=0.0, train_images_per_s=0.0, fit_seconds=0.0, best_epoch=None, best_val_loss=None,
-                stopped="completed")
+                stopped="completed", precision=None, budget=None)
+
+
+def plan_epochs(budget_s: float, elapsed_s: float, batch_s: float, batches_per_epoch: int, batches_done: int,
+                val_s: float, max_epochs: int, margin: float = 0.05) -> int:
+    """How many epochs (at most max_epochs, at least 1) fit in budget_s, all validation included.
+
+    elapsed_s have passed and batches_done batches of the first epoch are done; a batch takes batch_s and a
+    validation val_s. `margin` of the budget is kept for what was not measured (checkpoints, jitter).
+    """
+    left = budget_s * (1 - margin) - elapsed_s - (batches_per_epoch - batches_done) * batch_s - val_s
+    per_epoch = batches_per_epoch * batch_s + val_s
+    return max(1, min(max_epochs, 1 + int(left // per_epoch))) if left >= 0 else 1
+
+
+def describe_budget(budget: dict | None) -> str:
+    """e.g. "7 epochs, sized to 15 min" ("" without a budget)."""
+    if not budget:
+        return ""
+    return f"{budget['epochs']} epoch{'s' * (budget['epochs'] != 1)}, sized to {budget['minutes']:g} min"
+
+
+class SizedSchedule:
+    """A per-batch schedule whose length is set early in the run.
+
+    It starts as build(total_steps) (the recipe's length); after each batch, plan(batches done) may
+    return the measured length, and the schedule is then rebuilt to it and brought to the same batch.
+    The first batches barely differ: one-cycle and cosine both start slowly.
+    """
+
+    def __init__(self, build, total_steps: int, plan=None):
+        self.build, self.plan, self.done = build, plan, 0
+        self.inner = build(total_steps)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.inner is not None:
+            self.inner.step()
+        total = self.plan(self.done) if self.plan is not None else None
+        if total is not None:
+            self.plan = None
+            self.inner = self.build(total)
+            for _ in range(self.done if self.inner is not None else 0):
+                self.inner.step()
+
+    def state_dict(self) -> dict | None:
+        return None if self.inner is None else self.inner.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None:
+            self.inner.load_state_dict(state)
 
 
 def fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainConfig, out: Path | None = None,
@@ -194,10 +364,15 @@ def fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainC
     """Train on `train` (augmented here if config.augment says so), keep the epoch with the lowest validation
     loss, stop after config.patience epochs without one. Returns the history.
 
+    Before training, "auto" precision and memory format are resolved by timing (choose_precision;
+    history["precision"]). With config.max_minutes, the run times its first batches and a validation pass
+    and sets its epoch count, and so its schedule's length, to what fits in the budget (at most
+    config.epochs; history["budget"]); it then runs that schedule to its end.
     With `out`, the best epoch is saved there (save_checkpoint), the latest epoch with its optimizer state
     beside it (last_path) and the history as JSON (history_path). resume=True continues, from last_path(out),
-    a run that its time budget or an interruption stopped, with the same settings (only RUNTIME_FIELDS may
-    differ, else ValueError); a finished run (all epochs, or early stopping) is returned as saved, untrained.
+    an interrupted run with the same settings (only RUNTIME_FIELDS may differ, else ValueError; "auto" takes
+    the saved choice, and the saved budget plan holds); a finished run (all epochs, or early stopping) is
+    returned as saved, untrained. The checkpoints' config holds the resolved precision.
     On return the model holds the best epoch's weights, on `device` (default: pick_device(config.device)).
 
     fit seeds its batch order and augmentation from config.seed; callers call set_seed(config.seed)
@@ -215,30 +390,77 @@ def fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainC
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path) -> None:
-    """A resumed run must compute what the saved one did: only RUNTIME_FIELDS may differ."""
+    """A resumed run must compute what the saved one did: only RUNTIME_FIELDS may differ ("auto" matches
+    the choice the saved run made)."""
     new = dataclasses.asdict(config)
-    differ = [k for k in new if k in saved and k not in RUNTIME_FIELDS and saved[k] != new[k]]
+    differ = [k for k in new if k in saved and k not in RUNTIME_FIELDS and saved[k] != new[k]
+              and not (k in ("bf16", "channels_last") and new[k] == "auto")]
     if differ:
         changes = ", ".join(f"{k} {saved[k]!r} -> {new[k]!r}" for k in differ)
         raise ValueError(f"cannot resume {path} with other settings than it was saved with: {changes}")
 
 
+def resolved(config: TrainConfig, history: dict) -> TrainConfig:
+    """config with "auto" replaced by the choice its run made (history["precision"])."""
+    choice = history.get("precision") or {}
+    if not choice:
+        return config
+    return dataclasses.replace(config, bf16=choice["bf16"], channels_last=choice["channels_last"])
+
+
+def _budget_planner(config: TrainConfig, model: nn.Module, val: QuickDrawSet, device: torch.device, t_fit: float,
+                    steps: int, history: dict, dtype):
+    """plan(batches done) for SizedSchedule: None until enough batches of the first epoch are timed, then the
+    schedule's length in batches, with the plan recorded in history["budget"]."""
+    measure_at = min(steps, max(3, steps // 10))  # about 10% of the first epoch
+    marks = {}
+
+    def plan(done: int):
+        marks[done] = CLOCK()
+        if done < measure_at:
+            return None
+        first = min(marks)  # the first batch (warm-up) is not counted
+        batch_s = (marks[done] - marks[first]) / max(done - first, 1) if done > first else marks[done] - t_fit
+        n = min(len(val), config.eval_batch_size)
+        t0 = CLOCK()
+        predict_logits(model, val.images[:n], batch_size=config.eval_batch_size, device=device, bf16=dtype is not None)
+        val_s = (CLOCK() - t0) * len(val) / max(n, 1)
+        elapsed = CLOCK() - t_fit
+        epochs = plan_epochs(60 * config.max_minutes, elapsed, batch_s, steps, done, val_s, config.epochs)
+        history["budget"] = dict(minutes=config.max_minutes, epochs=epochs, max_epochs=config.epochs,
+                                 batch_seconds=batch_s, val_seconds=val_s, measured_after_batches=done,
+                                 planned_seconds=elapsed + (epochs * steps - done) * batch_s + epochs * val_s)
+        history["budget"]["label"] = describe_budget(history["budget"])
+        return epochs * steps
+
+    return plan
+
+
 def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: TrainConfig, out: Path | None,
          resume: bool, device: torch.device) -> dict:
     history, best_state, since_best, last = _new_history(), None, 0, None
+    t_fit = CLOCK()
     if resume:
         last = read_checkpoint(last_path(out))
         _check_resumable(last["config"], config, last_path(out))
         history, since_best = last["history"], last["since_best"]
         best_state = read_checkpoint(out)["state_dict"] if Path(out).is_file() else None
-    bf16 = config.bf16 and device.type in ("cpu", "cuda")
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if last is not None and (history["stopped"] == "early_stopping" or len(history["train_loss"]) >= config.epochs):
+        t_fit -= history["fit_seconds"]
+        config = dataclasses.replace(config, bf16=last["config"]["bf16"], channels_last=last["config"]["channels_last"])
+    epochs = (history.get("budget") or {}).get("epochs", config.epochs)
+    if last is not None and (history["stopped"] == "early_stopping" or len(history["train_loss"]) >= epochs):
         if best_state is not None:  # finished: nothing left to train
             model.load_state_dict(best_state)
         return history
+    model.to(device)
+    if history.get("precision") is None:
+        history["precision"] = choose_precision(model, train, config, device)
+        if history["precision"]["how"] == "measured":
+            print(f"precision: {describe_precision(history['precision'])}", file=sys.stderr, flush=True)
+    config = resolved(config, history)
+    dtype = amp_dtype(device, config.bf16)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     if config.augment == "xl":
         train = xl_augment(train)
     transform = None
@@ -248,44 +470,47 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
 
     steps = 2 if config.dry_run else -(-len(train) // config.batch_size)
     optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, steps * config.epochs)
-    if last is not None:  # stopped by its time budget or interrupted: carry on
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    plan = None
+    if config.max_minutes and last is None:
+        plan = _budget_planner(config, model, val, device, t_fit, steps, history, dtype)
+    scheduler = SizedSchedule(partial(make_scheduler, optimizer, config), steps * epochs, plan)
+    if last is not None:  # interrupted: carry on
         model.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(last["scheduler"])
+        scheduler.load_state_dict(last["scheduler"])
+        if last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
         torch.set_rng_state(last["rng"])
         if transform is not None:
             transform.keywords["generator"].set_state(last["aug_rng"])
         history["stopped"] = "completed"
-    start = len(history["train_loss"])
-
-    t_fit = time.perf_counter() - history["fit_seconds"]
-    deadline = t_fit + 60 * config.max_minutes if config.max_minutes else None
-    for epoch in range(start, config.epochs):
-        if deadline is not None and history["epoch_seconds"] and \
-                time.perf_counter() + history["epoch_seconds"][-1] > deadline:
-            history["stopped"] = "time_budget"  # another epoch would not fit
-            break
-        t0 = time.perf_counter()
+    epoch = len(history["train_loss"])
+    while epoch < epochs:
+        t0 = CLOCK()
         # The batch order depends on (seed, epoch) only, so a resumed run sees the same batches.
         batches = iterate_batches(train.images, train.labels, config.batch_size, shuffle=True, device=device,
                                   generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch),
                                   transform=transform)
-        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                   disable=not config.progress, file=sys.stderr) as bar:
             lr = optimizer.param_groups[0]["lr"]
             loss, acc, seen = train_one_epoch(model, batches, optimizer, device, scheduler, config.label_smoothing,
-                                              bf16, config.channels_last, 2 if config.dry_run else None, deadline, bar)
-            t_train = time.perf_counter() - t0
-            val_loss, val_acc = evaluate(model, val, device, config.eval_batch_size, bf16, config.label_smoothing)
-        seconds = time.perf_counter() - t0
+                                              dtype, config.channels_last, 2 if config.dry_run else None, bar, scaler)
+            t_train = CLOCK() - t0
+            val_loss, val_acc = evaluate(model, val, device, config.eval_batch_size, dtype is not None,
+                                         config.label_smoothing)
+        if history["budget"] and epochs != history["budget"]["epochs"]:
+            epochs = history["budget"]["epochs"]  # sized during this (the first) epoch
+            if config.progress:
+                tqdm.write(f"budget: {history['budget']['label']} (of at most {config.epochs})", file=sys.stderr)
+        seconds = CLOCK() - t0
         for key, value in (("train_loss", loss), ("train_acc", acc), ("val_loss", val_loss), ("val_acc", val_acc),
                            ("lr", lr), ("epoch_seconds", seconds), ("train_epoch_seconds", t_train)):
             history[key].append(value)
         history["train_images"] += seen
         history["train_seconds"] += t_train
-        history["fit_seconds"] = time.perf_counter() - t_fit
+        history["fit_seconds"] = CLOCK() - t_fit
         history["train_images_per_s"] = history["train_images"] / max(history["train_seconds"], 1e-9)
         improved = history["best_val_loss"] is None or val_loss < history["best_val_loss"]
         if improved:
@@ -294,19 +519,16 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
         else:
             since_best += 1
         if config.progress:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {loss:.4f} acc {acc:.2%} | val loss {val_loss:.4f} "
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f} acc {acc:.2%} | val loss {val_loss:.4f} "
                        f"acc {val_acc:.2%} | {seconds:.1f} s, {seen / t_train:.0f} img/s{' *' if improved else ''}",
                        file=sys.stderr)
-        stop = None
-        if config.patience and since_best >= config.patience:
-            stop = "early_stopping"
-        elif deadline is not None and time.perf_counter() > deadline:
-            stop = "time_budget"
+        stop = config.patience and since_best >= config.patience
         if stop:
-            history["stopped"] = stop
+            history["stopped"] = "early_stopping"
         if out is not None:
             _save_progress(out, model, best_state if improved else None, train.classes, config, history, optimizer,
-                           scheduler, since_best, transform)
+                           scheduler, since_best, transform, scaler)
+        epoch += 1
         if stop:
             break
     if best_state is not None:
@@ -316,17 +538,19 @@ def _fit(model: nn.Module, train: QuickDrawSet, val: QuickDrawSet, config: Train
     return history
 
 
-def _save_progress(out, model, best_state, classes, config, history, optimizer, scheduler, since_best, transform):
+def _save_progress(out, model, best_state, classes, config, history, optimizer, scheduler, since_best, transform,
+                   scaler):
     """After an epoch: the best checkpoint if this epoch is the best, the resumable "last" one always."""
     if best_state is not None:
         save_checkpoint(out, model, config.model, classes, config, history)
     save_state(dict(state_dict=model.state_dict(), model_name=config.model, classes=list(classes),
                       config=dataclasses.asdict(config), history=history, optimizer=optimizer.state_dict(),
-                      scheduler=None if scheduler is None else scheduler.state_dict(), since_best=since_best,
+                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), since_best=since_best,
                       rng=torch.get_rng_state(),
                       aug_rng=None if transform is None else transform.keywords["generator"].get_state()),
                  last_path(out))
     write_json(history_path(out), history, indent=1)
+
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -338,6 +562,7 @@ def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str
     the checkpoint).
     """
     device = device or pick_device(config.device)
+    config = resolved(config, history)
     scores = {name: evaluate_model(model, part, device, config.eval_batch_size) for name, part in splits.items()}
     metrics = {name: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for name, s in scores.items()}
     save_checkpoint(out, model, config.model, classes, config, history, metrics=metrics)
@@ -367,7 +592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        if isinstance(default, bool):
+        if f.name in ("bf16", "channels_last"):  # neither flag: "auto", timed before training
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default="auto",
+                           help="force on or off (default: auto, the faster of the two as timed before training)")
+        elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif f.name in ("augment", "optimizer", "schedule"):
             p.add_argument(flag, default=default, choices={"augment": AUGMENTS, "optimizer": OPTIMIZERS,
@@ -399,6 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
     return dict(model=config.model, params=count_parameters(model), checkpoint=str(out), **metrics,
                 train_images_per_s=history["train_images_per_s"], train_seconds=history["train_seconds"],
                 epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
+                precision=history["precision"], budget=history["budget"],
                 sizes=dict(train=len(train), val=len(val), test=len(test)), loadavg=os.getloadavg())
 
 
