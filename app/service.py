@@ -1,6 +1,6 @@
 """The classifier behind the API: a model loaded once (ONNX Runtime, or torch for a checkpoint),
-the workers that turn request bodies
-into 28x28 bitmaps off the event loop, and batched forward passes off it too."""
+the workers that turn request bodies into 28x28 bitmaps off the event loop, and batched forward
+passes off it too."""
 from __future__ import annotations
 
 import asyncio
