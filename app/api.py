@@ -49,15 +49,20 @@ class Prediction(BaseModel):
 
 class Predictions(BaseModel):
     predictions: list[Prediction] = Field(description="most probable first")
+    unsure: bool = Field(description="the top probability is below unsure_below: show the guess as a guess")
 
 
-class PredictAnswer(Predictions):
+class Answer(BaseModel):
     model: str
+    unsure_below: float = Field(description="the threshold of `unsure` (python -m app --unsure-below)")
 
 
-class BatchAnswer(BaseModel):
+class PredictAnswer(Predictions, Answer):
+    pass
+
+
+class BatchAnswer(Answer):
     results: list[Predictions] = Field(description="one per drawing, in the order sent")
-    model: str
 
 
 class ImageAnswer(PredictAnswer):
@@ -69,7 +74,8 @@ class Health(BaseModel):
     status: str
     model: str
     classes: int
-    checkpoint: str
+    checkpoint: str = Field(description="the model file's name")
+    backend: str = Field(description="onnxruntime or torch")
 
 
 class Classes(BaseModel):
@@ -211,7 +217,8 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
 
     @app.get("/health", response_model=Health)
     async def health():
-        return {"status": "ok", "model": classifier.name, "classes": n_classes, "checkpoint": classifier.path.name}
+        return {"status": "ok", "model": classifier.name, "classes": n_classes, "checkpoint": classifier.path.name,
+                "backend": classifier.backend.kind}
 
     @app.get("/classes", response_model=Classes)
     async def classes():
@@ -227,11 +234,11 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
             raise InputError(f"Content-Type must be application/json, got {content_type!r}", 415)
         raw = await request.body()
         light = config.light_points if len(raw) <= config.light_body_bytes else None
-        drawings = await workers.run(read_drawings, raw, n_classes, light_budget=light)
-        results = await batcher.predict(drawings.bitmaps, drawings.top_k)
-        if not drawings.batch:  # plain JSON types already: skip FastAPI's encoder, it costs per request
-            return JSONResponse({"predictions": results[0], "model": classifier.name})
-        return JSONResponse({"results": [{"predictions": r} for r in results], "model": classifier.name})
+        drawings = await workers.run(read_drawings, raw, classifier.classes, light_budget=light)
+        results = await batcher.predict(drawings.bitmaps, drawings.top_k, drawings.allowed)
+        answer = {"model": classifier.name, "unsure_below": classifier.unsure_below}
+        # plain JSON types already: skip FastAPI's encoder, it costs per request
+        return JSONResponse(answer | ({"results": results} if drawings.batch else results[0]))
 
     @app.post("/predict/image", response_model=ImageAnswer, responses=_errors(400, 408, 413, 415, 422))
     async def predict_image(file: Annotated[UploadFile, File(description="a PNG or JPEG drawing")],
@@ -239,8 +246,9 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
         """An image of a drawing, any polarity and size -> predictions and the 28x28 bitmap it became."""
         bitmap = await workers.run(image_to_bitmap, await file.read(), light_budget=config.light_pixels)
         k = min(5, n_classes) if top_k is None else top_k
-        predictions = (await batcher.predict(bitmap[None], k))[0]
-        return JSONResponse({"predictions": predictions, "model": classifier.name, "bitmap": bitmap.ravel().tolist()})
+        result = (await batcher.predict(bitmap[None], k))[0]
+        return JSONResponse(result | {"model": classifier.name, "unsure_below": classifier.unsure_below,
+                                      "bitmap": bitmap.ravel().tolist()})
 
     default_openapi = app.openapi
 
@@ -251,6 +259,7 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
             models = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(models.pop("$defs", {}))
             models["properties"]["top_k"]["maximum"] = n_classes
+            models["properties"]["classes"]["items"] = {"type": "string", "enum": classifier.classes}
             components["Drawing"] = exactly_one_of(components["Drawing"], Drawing.kinds)
             components["PredictRequest"] = exactly_one_of(models, PredictRequest.kinds)
             upload = schema["paths"]["/predict/image"]["post"]["requestBody"]["content"]["multipart/form-data"]

@@ -148,6 +148,19 @@ class TorchBackend(Backend):
                              metrics=ckpt["metrics"], config=ckpt["config"])
         self._torch, self._to_float, self._device = torch, to_float, torch.device(device)
 
+    @classmethod
+    def from_module(cls, model, classes: list[str], name: str, path: str | Path | None = None) -> "TorchBackend":
+        """A model already in memory (an nn.Module in eval mode, on the cpu): tests, notebooks."""
+        import torch
+
+        from utils.data import to_float
+
+        self = cls.__new__(cls)
+        self.model, self.classes, self.name, self.path = model, list(classes), name, path and Path(path)
+        self.metadata = dict(classes=self.classes, model_name=name, input=INPUT_CONVENTION)
+        self._torch, self._to_float, self._device = torch, to_float, torch.device("cpu")
+        return self
+
     def logits(self, bitmaps: np.ndarray) -> np.ndarray:
         x = self._torch.from_numpy(check_bitmaps(bitmaps)).to(self._device)
         with self._torch.inference_mode():

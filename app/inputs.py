@@ -213,6 +213,10 @@ class PredictRequest(Drawing):
     drawings: Annotated[list[Drawing], Field(min_length=1, json_schema_extra={"maxItems": MAX_DRAWINGS},
                                              description=f"1 to {MAX_DRAWINGS} drawings, answered in order")] = None
     top_k: Annotated[int, Strict(), Field(ge=1, description="labels per drawing; default 5")] = None
+    classes: Annotated[list[str], Field(min_length=1, json_schema_extra={"uniqueItems": True}, description=(
+        "the only classes the answer may name (names as GET /classes gives them), e.g. [\"cat\"] for a game "
+        "that asks \"is it a cat?\": probabilities are renormalized over them and top_k is at most their number"
+    ))] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -252,6 +256,26 @@ class PredictRequest(Drawing):
                                       f"scale of a simplified drawing, at most {MAX_INK_LENGTH:,}")
         return self
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _some_classes(cls, names):
+        if names == []:
+            raise PydanticCustomError("empty", "no class named: name at least one, or leave 'classes' out for all")
+        return names
+
+    @field_validator("classes", mode="after")
+    @classmethod
+    def _known_classes(cls, names, info: ValidationInfo):
+        known = info.context["classes"]
+        unknown = [n for n in dict.fromkeys(names) if n not in known]
+        if unknown:
+            listed = ", ".join(repr(one_line(n, 40)) for n in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            raise PydanticCustomError("unknown_class", f"unknown class name{'s' if len(unknown) > 1 else ''} "
+                                      f"{listed}: GET /classes lists the {len(known)} this model knows")
+        if len(set(names)) < len(names):
+            raise PydanticCustomError("duplicate_class", "a class is named more than once")
+        return names
+
     def items(self) -> list[Drawing]:
         return self.drawings if self.drawings is not None else [self]
 
@@ -261,23 +285,29 @@ class PredictRequest(Drawing):
 
 @dataclass
 class Drawings:
-    """A validated /predict body: its drawings as uint8 bitmaps (N,28,28)."""
+    """A validated /predict body: its drawings as uint8 bitmaps (N,28,28), and what the answer may name."""
     bitmaps: np.ndarray
     top_k: int
     batch: bool
+    allowed: np.ndarray | None = None  # int (A,) class indices the request allows, in its order; None: all
 
 
-def read_drawings(body: bytes, n_classes: int, budget: float | None = None) -> Drawings:
+def read_drawings(body: bytes, classes: list[str], budget: float | None = None) -> Drawings:
     """A /predict body -> its bitmaps; InputError when it is wrong, Costly when drawing it would
-    resample more points than budget."""
+    resample more points than budget. classes: the model's class names."""
+    n_classes = len(classes)
     try:
-        request = PredictRequest.model_validate_json(body, context={"n_classes": n_classes})
+        request = PredictRequest.model_validate_json(body, context={"n_classes": n_classes, "classes": classes})
     except ValidationError as e:
         raise problems(e.errors(include_url=False, include_input=False)) from None
     if budget is not None and request.ink_length() + sum(d.points() for d in request.items()) > budget:
         raise Costly
     bitmaps = np.stack([d.to_bitmap() for d in request.items()])
-    return Drawings(bitmaps, check_top_k(request.top_k, n_classes), request.drawings is not None)
+    if request.classes is None:
+        return Drawings(bitmaps, check_top_k(request.top_k, n_classes), request.drawings is not None)
+    allowed = np.array([classes.index(n) for n in request.classes])
+    return Drawings(bitmaps, min(check_top_k(request.top_k, n_classes), len(allowed)), request.drawings is not None,
+                    allowed)
 
 
 def where(loc) -> str:

@@ -1,6 +1,7 @@
 """Start `python -m app` in a subprocess on a free local port and wait until it answers (tests, benchmarks)."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -21,17 +22,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def app_command(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "app", "--model", str(model), "--host", host, "--port", str(port), *extra]
+def app_command(model: str | Path | None, host: str = "127.0.0.1", port: int = 8000, *extra: str,
+                python: str = sys.executable) -> list[str]:
+    """The python -m app command line; model None: the model shipped with the repo."""
+    chosen = [] if model is None else ["--model", str(model)]
+    return [python, "-m", "app", *chosen, "--host", host, "--port", str(port), *extra]
 
 
 @contextmanager
-def running_server(model: str | Path, *extra: str, host: str = "127.0.0.1", timeout: float = 60.0) -> Iterator[str]:
-    """Yield the base URL ("http://127.0.0.1:PORT") of a started server; stop it on exit."""
+def running_server(model: str | Path | None, *extra: str, host: str = "127.0.0.1", timeout: float = 60.0,
+                   env: dict | None = None, python: str = sys.executable) -> Iterator[str]:
+    """Yield the base URL ("http://127.0.0.1:PORT") of a started server; stop it on exit.
+    env: variables added to the server's environment."""
     port = free_port(host)
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(app_command(model, host, port, *extra), cwd=PROJECT_ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(app_command(model, host, port, *extra, python=python), cwd=PROJECT_ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
         url = f"http://{host}:{port}"
         try:
             _wait_healthy(proc, url, timeout, log)

@@ -7,6 +7,7 @@ client could hold a connection open forever by sending nothing, or one byte a mi
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -53,8 +54,10 @@ class HeadTimeoutProtocol(H11Protocol):
 
 
 def uvicorn_config(app, host: str, port: int, config: ServiceConfig, **options) -> uvicorn.Config:
-    """The uvicorn.Config serving app with the service's timeouts (python -m app and the tests)."""
-    def protocol(*args, **kwargs):
-        return HeadTimeoutProtocol(*args, head_timeout=config.idle_timeout, **kwargs)
-    return uvicorn.Config(app, host=host, port=port, workers=1, http=protocol,
+    """The uvicorn.Config serving app with the service's timeouts (python -m app and the tests).
+
+    app may be an import string with factory=True and workers=N: the protocol is a partial, which
+    pickles into the worker processes."""
+    options.setdefault("workers", 1)
+    return uvicorn.Config(app, host=host, port=port, http=partial(HeadTimeoutProtocol, head_timeout=config.idle_timeout),
                           timeout_keep_alive=max(1, round(config.idle_timeout)), **options)

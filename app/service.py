@@ -1,5 +1,6 @@
-"""The classifier behind the API: a checkpoint loaded once, the workers that turn request bodies
-into 28x28 bitmaps off the event loop, and batched forward passes off it too."""
+"""The classifier behind the API: a model loaded once (ONNX Runtime, or torch for a checkpoint),
+the workers that turn request bodies into 28x28 bitmaps off the event loop, and batched forward
+passes off it too."""
 from __future__ import annotations
 
 import asyncio
@@ -15,30 +16,46 @@ from typing import Callable
 import anyio
 import anyio.to_thread
 import numpy as np
-import torch
 
+from app.backends import Backend, ModelFileError, load_backend
 from app.inputs import SIDE, Costly, strokes_to_bitmap, worker_started
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.data import to_float
+
+# An answer whose top probability is below this is flagged "unsure" (python -m app --unsure-below).
+# On the default model's validation split, drawings answered with less are right less than half the
+# time (models/quickdraw17/MODEL_CARD.md).
+UNSURE_BELOW = 0.5
 
 
 @dataclass
 class Classifier:
-    """A trained model, its class names, and batched top-k prediction on uint8 bitmaps."""
-    model: torch.nn.Module
-    classes: list[str]
-    name: str
-    path: Path
+    """A model on its backend (app.backends: ONNX Runtime, or torch for a checkpoint), its class names,
+    and batched top-k prediction on uint8 bitmaps. Nothing here imports torch."""
+    backend: Backend
+    unsure_below: float = UNSURE_BELOW
+
+    @property
+    def classes(self) -> list[str]:
+        return self.backend.classes
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def path(self) -> Path:
+        return self.backend.path
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "Classifier":
-        """Load once at start; any failure is a CheckpointError of one line naming the path."""
+    def from_file(cls, path: str | Path, threads: int | None = 1, unsure_below: float = UNSURE_BELOW) -> "Classifier":
+        """Load once at start (.onnx on ONNX Runtime, .pt on torch); any failure is a ModelFileError of
+        one line naming the path."""
         try:
-            model, meta = load_checkpoint(path, device="cpu")
+            return cls(load_backend(path, threads), unsure_below)
         except Exception as e:  # missing, foreign, truncated, or for another model: the service cannot start
             reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-            raise CheckpointError(reason if str(path) in reason else f"cannot load checkpoint {path}: {reason}") from e
-        return cls(model, list(meta["classes"]), meta["model_name"], Path(path))
+            raise ModelFileError(reason if str(path) in reason else f"cannot load model {path}: {reason}") from e
+
+    from_checkpoint = from_file
 
     def warm_up(self, max_batch: int = 64) -> None:
         """Pay the first-call costs (cairo loading, kernels per batch size) before the first request."""
@@ -46,25 +63,34 @@ class Classifier:
         for n in range(1, max_batch + 1):
             self.probabilities(np.zeros((n, SIDE, SIDE), np.uint8))
 
-    @torch.inference_mode()
-    def probabilities(self, bitmaps: np.ndarray) -> torch.Tensor:
-        """uint8 (N,28,28) -> class probabilities (N,C), one forward pass."""
-        return self.model(to_float(torch.from_numpy(bitmaps))).softmax(dim=1)
+    def probabilities(self, bitmaps: np.ndarray) -> np.ndarray:
+        """uint8 (N,28,28) -> class probabilities float32 (N,C), one forward pass."""
+        return self.backend.probabilities(bitmaps)
 
-    def top(self, probabilities: torch.Tensor, top_k: int) -> list[list[dict]]:
-        """(N,C) probabilities -> per row the top_k labels, most probable first."""
-        values, index = probabilities.topk(top_k, dim=1)  # (N,k), (N,k)
-        return [[{"label": self.classes[i], "probability": p} for i, p in zip(row_i, row_p)]
-                for row_i, row_p in zip(index.tolist(), values.tolist())]
+    def top(self, probabilities: np.ndarray, top_k: int, allowed: np.ndarray | None = None) -> list[dict]:
+        """(N,C) probabilities -> per row {"predictions": the top_k labels, most probable first, "unsure"}.
+
+        allowed: class indices the answer may name (None: all); the probabilities are renormalized
+        over them. A row is unsure when its top probability is below unsure_below.
+        """
+        index = np.arange(probabilities.shape[1]) if allowed is None else allowed
+        p = probabilities[:, index]  # (N,A)
+        p = p / p.sum(axis=1, keepdims=True)
+        order = np.argsort(-p, axis=1, kind="stable")[:, :top_k]  # (N,k)
+        values = np.take_along_axis(p, order, axis=1).tolist()
+        return [{"predictions": [{"label": self.classes[index[i]], "probability": v} for i, v in zip(row_i, row_p)],
+                 "unsure": row_p[0] < self.unsure_below}
+                for row_i, row_p in zip(order.tolist(), values)]
 
 
 @dataclass(eq=False)
 class _Job:
     bitmaps: np.ndarray  # uint8 (N,28,28)
     top_k: int
+    allowed: np.ndarray | None  # class indices the answer may name (None: all)
     future: asyncio.Future
     start: int = 0       # rows already sent to a forward pass
-    parts: list[torch.Tensor] = field(default_factory=list)
+    parts: list[np.ndarray] = field(default_factory=list)
 
 
 class Batcher:
@@ -80,11 +106,11 @@ class Batcher:
         self.classifier, self.max_rows = classifier, max_rows
         self.waiting: deque[_Job] = deque()
         self.running = False
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # torch computes without the GIL
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # both runtimes compute without the GIL
 
-    async def predict(self, bitmaps: np.ndarray, top_k: int) -> list[list[dict]]:
-        """uint8 (N,28,28) -> top_k labels per drawing."""
-        job = _Job(bitmaps, top_k, asyncio.get_running_loop().create_future())
+    async def predict(self, bitmaps: np.ndarray, top_k: int, allowed: np.ndarray | None = None) -> list[dict]:
+        """uint8 (N,28,28) -> per drawing its top_k labels (among `allowed` class indices) and unsure flag."""
+        job = _Job(bitmaps, top_k, allowed, asyncio.get_running_loop().create_future())
         self.waiting.append(job)
         if not self.running:
             self._next()
@@ -116,7 +142,7 @@ class Batcher:
             else:
                 job.parts.append(done.result()[start:start + b - a])
                 if b == len(job.bitmaps):
-                    job.future.set_result(self.classifier.top(torch.cat(job.parts), job.top_k))
+                    job.future.set_result(self.classifier.top(np.concatenate(job.parts), job.top_k, job.allowed))
             start += b - a
             if b < len(job.bitmaps) and not job.future.done():  # behind the requests that came meanwhile
                 self.waiting.append(job)

@@ -15,7 +15,8 @@ from app.api import ServiceConfig, create_app
 from app.server import uvicorn_config
 from app.service import Classifier
 from tests.mirror import SHARED_DIR, serve
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.io import atomic_write
 from utils.data import QuickDrawSet
 from utils.models import build_model
 from utils.strokes import render, simplify
@@ -90,8 +91,25 @@ def shapes_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shapes_onnx(shapes_checkpoint):
+    """The shapes model exported to ONNX as utils.export writes it (metadata included)."""
+    from utils.export import to_onnx, with_metadata
+    path = shapes_checkpoint.with_suffix(".onnx")
+    if not path.exists():
+        model, ckpt = load_checkpoint(shapes_checkpoint)
+        with atomic_write(path) as f:
+            f.write(with_metadata(to_onnx(model), dict(classes=ckpt["classes"], model_name=ckpt["model_name"])))
+    return path
+
+
+@pytest.fixture(scope="session")
 def shapes_classifier(shapes_checkpoint):
-    return Classifier.from_checkpoint(shapes_checkpoint)
+    return Classifier.from_file(shapes_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx_classifier(shapes_onnx):
+    return Classifier.from_file(shapes_onnx)
 
 
 @contextmanager

@@ -78,7 +78,8 @@ def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def test_health_and_classes(client, shapes_checkpoint):
     health = client.get("/health").json()
-    assert health == {"status": "ok", "model": "v2", "classes": len(SHAPES), "checkpoint": shapes_checkpoint.name}
+    assert health == {"status": "ok", "model": "v2", "classes": len(SHAPES), "checkpoint": shapes_checkpoint.name,
+                      "backend": "torch"}
     assert client.get("/classes").json() == {"classes": list(SHAPES)}
 
 
@@ -348,7 +349,7 @@ def test_service_still_answers_after_bad_input(client, reference):
 # --- start-up --------------------------------------------------------------------------------------------
 
 CHECKPOINTS = {  # a --model that is not a checkpoint -> words its one-line error must hold
-    "missing": (None, "checkpoint"),
+    "missing": (None, "not found"),
     "text": (lambda path: path.write_bytes(b"not a checkpoint"), "checkpoint"),
     "truncated zip": (lambda path: path.write_bytes(b"PK\x03\x04 truncated zip"), "checkpoint"),
     "a pickled module": (lambda path: torch.save(torch.nn.Linear(2, 2), path), "checkpoint"),
@@ -405,7 +406,7 @@ def test_a_costly_drawing_is_drawn_in_a_worker_process(client):
     body = json.dumps(ZIGZAG).encode()
     assert len(body) < ServiceConfig().light_body_bytes and ink_length(ZIGZAG["strokes"]) < MAX_INK_LENGTH
     with pytest.raises(Costly):  # the thread only checks it, and hands it on
-        read_drawings(body, len(SHAPES), budget=ServiceConfig().light_points)
+        read_drawings(body, list(SHAPES), budget=ServiceConfig().light_points)
     answer = client.post("/predict", json=ZIGZAG)
     assert answer.status_code == 200 and len(answer.json()["predictions"]) == 5
 
@@ -459,9 +460,9 @@ def test_forward_passes_run_beside_the_event_loop_and_split_large_batches():
             passes.append(len(bitmaps))
             entered.set()
             assert release.wait(30)
-            return torch.full((len(bitmaps), len(SHAPES)), 1 / len(SHAPES))
+            return np.full((len(bitmaps), len(SHAPES)), 1 / len(SHAPES), np.float32)
 
-        def top(self, probabilities, top_k):
+        def top(self, probabilities, top_k, allowed=None):
             return [[len(probabilities)]] * len(probabilities)
 
     async def scenario():

@@ -2,11 +2,14 @@
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-
+from app.api import ServiceConfig, create_app
+from app.service import Classifier
+from tests.conftest import serving
 
 
 def _chromium() -> Path | None:
@@ -23,20 +26,44 @@ CHROMIUM = _chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: run `bash scripts/setup.sh --browser`")
 
 
+def served(classifier):
+    config = ServiceConfig()
+    return serving(create_app(classifier, config), config)
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def server(request, shapes_classifier, shapes_onnx_classifier):
+    """The page on the shapes model, on torch and on ONNX Runtime (its export)."""
+    with served(shapes_classifier if request.param == "torch" else shapes_onnx_classifier) as url:
+        yield url
+
+
+@contextmanager
+def opened(browser, url: str):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.requests = []  # every URL the page asked for, with its body
+    page.on("request", lambda r: page.requests.append((r.url, r.post_data)))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('v2')")
+    yield page
+    page.close()
+
+
 @pytest.fixture(scope="module")
-def browser_page(server):
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1100, "height": 800})
-        page.requests = []  # every URL the page asked for, with its body
-        page.on("request", lambda r: page.requests.append((r.url, r.post_data)))
-        page.goto(server + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('v2')")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(browser, server):
+    with opened(browser, server) as page:
+        yield page
 
 
 def draw(page, points, pause_ms=0):
@@ -137,3 +164,21 @@ def test_docs_page_renders_offline(browser_page, server):
     outside = [url for url in asked if not url.startswith((server, "data:", "blob:"))]  # inline, not fetched
     assert len(asked) >= 4 and not outside, outside
     page.close()
+
+
+def test_unsure_answers_are_shown_as_guesses_without_bars(browser, shapes_onnx_classifier):
+    always = Classifier(shapes_onnx_classifier.backend, unsure_below=1.0)  # every answer is below 1
+    with served(always) as url, opened(browser, url) as page:
+        assert page.locator("#not-sure").is_hidden()
+        draw(page, [(0.1, 0.5), (0.5, 0.52), (0.9, 0.5)])
+        wait_top(page, "line")
+        page.wait_for_timeout(500)  # every answer is unsure: the last one too
+        assert page.locator("#not-sure").is_visible() and "Not sure" in page.locator("#not-sure").inner_text()
+        assert page.locator("#predictions li").count() == 5 and page.locator("#predictions .bar").count() == 0
+        page.click("#clear")
+        assert page.locator("#not-sure").is_hidden()
+    with served(shapes_onnx_classifier) as url, opened(browser, url) as page:  # 0.5: a clear line is sure
+        draw(page, [(0.1, 0.5), (0.5, 0.52), (0.9, 0.5)])
+        wait_top(page, "line")  # answers to the unfinished stroke may come first: wait for the last one
+        page.wait_for_function("document.getElementById('not-sure').hidden && "
+                               "document.querySelectorAll('#predictions .bar').length === 5", timeout=30_000)

@@ -6,12 +6,12 @@ Its own module: the schema is loaded when the module is imported, and test_app's
 imported by the service's worker processes, which should not start an app of their own.
 """
 import json
-from pathlib import Path
 
 import schemathesis
 import torch
 
 from app.api import create_app
+from app.backends import TorchBackend
 from app.inputs import MAX_BODY_BYTES
 from app.service import Classifier
 from tests.conftest import SHAPES
@@ -23,7 +23,8 @@ from utils.strokes import render, simplify
 def untrained_app():
     """The app on an untrained V2 of the six shapes: what it answers, not how well it guesses."""
     torch.manual_seed(0)
-    return create_app(Classifier(build_model("v2", len(SHAPES)).eval(), list(SHAPES), "v2", Path("untrained.pt")))
+    backend = TorchBackend.from_module(build_model("v2", len(SHAPES)).eval(), SHAPES, "v2", "untrained.pt")
+    return create_app(Classifier(backend))
 
 
 API_SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", untrained_app(), config=schemathesis.Config.from_dict({

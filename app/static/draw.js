@@ -12,6 +12,7 @@
   const undoButton = document.getElementById("undo");
   const clearButton = document.getElementById("clear");
   const list = document.getElementById("predictions");
+  const notSure = document.getElementById("not-sure");
   const placeholder = document.getElementById("placeholder");
   const status = document.getElementById("status");
 
@@ -127,14 +128,18 @@
       const answer = await response.json();
       if (mine !== asked) return;  // a newer drawing was sent meanwhile
       if (!response.ok) throw new Error(answer.detail || response.statusText);
-      show(answer.predictions);
+      show(answer.predictions, answer.unsure);
       status.textContent = "";
     } catch (error) {
       if (mine === asked) status.textContent = `Could not get a guess: ${error.message}`;
     }
   }
 
-  function show(predictions) {
+  // unsure: the top probability is below the service's threshold (answer.unsure_below). The guesses are
+  // then listed as guesses, without bars, under a "not sure" line.
+  function show(predictions, unsure) {
+    notSure.hidden = !unsure;
+    list.classList.toggle("unsure", Boolean(unsure));
     list.replaceChildren(...predictions.map(({ label, probability }) => {
       const percent = (100 * probability).toFixed(1) + "%";
       const item = document.createElement("li");
@@ -153,7 +158,7 @@
       const value = document.createElement("span");
       value.className = "percent";
       value.textContent = percent;
-      item.append(name, bar, value);
+      item.append(...(unsure ? [name, value] : [name, bar, value]));
       return item;
     }));
     placeholder.hidden = predictions.length > 0;
