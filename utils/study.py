@@ -36,6 +36,7 @@ from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_
 from utils.io import atomic_write
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
+from utils.report import Table
 from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, resolved, score_and_save, set_seed
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
@@ -221,10 +222,8 @@ def describe_splits(**splits: QuickDrawSet) -> str:
 
 def examples(ds: QuickDrawSet, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """One random drawing from each of the first n categories, uint8 (n, 28, 28), and their categories."""
-    g = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(ds.labels == c).flatten() for c in range(min(n, len(ds.classes)))]
-    index = torch.stack([idx[torch.randint(len(idx), (), generator=g)] for idx in picks])
-    return ds.images[index], list(ds.classes[:len(picks)])
+    index = plots.pick_per_class(ds.labels, 1, min(n, len(ds.classes)), seed)
+    return ds.images[index], list(ds.classes[:len(index)])
 
 
 def slug(run: str) -> str:
@@ -284,24 +283,6 @@ def best_result(results: list[dict], split: str = "val", metric: str = "top1") -
     if not results:
         raise ValueError("no results to choose from")
     return max(results, key=lambda r: r[split][metric])
-
-
-class Table:
-    """Rows of a comparison; shows as a Markdown table in Jupyter and as aligned text elsewhere."""
-
-    def __init__(self, columns: list[str], rows: list[list[str]]):
-        self.columns, self.rows = columns, rows
-
-    def __str__(self) -> str:
-        cells = [self.columns] + self.rows
-        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
-
-        def line(r):  # first column left-aligned, numbers right-aligned
-            return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-        rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-        return "\n".join([line(self.columns), rule] + [line(r) for r in self.rows])
-
-    __repr__ = _repr_markdown_ = __str__
 
 
 def history_table(history: dict) -> Table:
