@@ -1,4 +1,5 @@
 """notebook.ipynb runs top to bottom on a small real configuration; utils/study.py's settings and reports."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -218,3 +219,45 @@ def test_history_table_marks_the_kept_epoch():
     assert len(lines) == 4 and lines[0].startswith("| epoch")
     assert lines[2].startswith("| 1 *") and "60.00%" in lines[2] and "0.9000" in lines[2]
     assert "*" not in lines[3] and "0.9500" in lines[3]
+
+
+def test_every_setting_has_an_environment_variable_and_help():
+    fields = [f for f in dataclasses.fields(study.StudyConfig) if f.name != "overrides"]
+    assert [f.name for f in study.settings()] == [f.name for f in fields]
+    variables = [f.metadata["env"] for f in fields]
+    assert len(set(variables)) == len(variables) and all(v.startswith(("QD_", "QUICKDRAW_")) for v in variables)
+    assert all(f.metadata["help"] for f in fields)
+    table = str(study.settings_table())
+    assert all(f"| {v} " in table for v in variables)
+    assert "| QD_SEED            | seed          | 1 " in table  # the committed notebook run's seed
+
+
+def as_env(value, none_word) -> str:
+    """How a user writes `value` in the environment."""
+    if value is None:
+        return none_word
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list):
+        return ", ".join(value)
+    return str(value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("categories", ["alarm clock", "dog"]), ("max_per_class", 250), ("max_per_class", None), ("epochs", 3),
+    ("epochs", None), ("seed", -7), ("device", "cpu"), ("models", ["V1", "V2-XL"]), ("data_dir", "/tmp/d x"),
+    ("base_url", "http://127.0.0.1:9/q/"), ("threads", None), ("progress", False), ("progress", True), ("workers", 2),
+])
+def test_settings_round_trip_through_the_environment(name, value):
+    f = next(f for f in study.settings() if f.name == name)
+    raw = as_env(value, f.metadata["none"])
+    assert study.parse_setting(f, raw) == value
+    config = study.StudyConfig.from_env({f.metadata["env"]: raw})
+    assert getattr(config, name) == value and config.overrides == {name: f.metadata["env"]}
+
+
+def test_a_bad_setting_from_the_environment_names_its_variable():
+    with pytest.raises(ValueError, match="QD_WORKERS='0': workers must be a positive integer"):
+        study.StudyConfig.from_env({"QD_WORKERS": "0"})
+    with pytest.raises(ValueError, match="QD_SEED='one': expected an integer"):
+        study.StudyConfig.from_env({"QD_SEED": "one"})

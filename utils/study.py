@@ -1,28 +1,14 @@
 """The study behind notebook.ipynb: its settings, its training runs and how their results are reported.
 
-Settings come from StudyConfig (defaults: the original study's ten categories and recipe; the notebook's
-configuration cell passes its own to `from_env`) and can be overridden from the environment without
-editing the notebook:
-
-    QD_CATEGORIES      comma-separated official names, e.g. "dog,alarm clock"   (default: the original ten)
-    QD_MAX_PER_CLASS   drawings per category, or "all"                           (default: 10000)
-    QD_EPOCHS          epochs for every run, or "recipe"                         (default: each run's recipe)
-    QD_BATCH_SIZE      batch size for every run, or "recipe"                     (default: each run's recipe)
-    QD_SEED            seed of the split, the initial weights and the batches    (default: 0)
-    QD_DEVICE          auto, cpu, cuda[:N] or mps, available here                 (default: auto)
-    QD_MODELS          comma-separated runs to train, from RUNS                  (default: all of RUNS)
-    QD_THREADS         torch CPU threads                                          (default: torch's choice)
-    QD_PROGRESS        live progress bars, 1 or 0 (0 for headless runs: a saved notebook
-                       keeps only their first frame)                              (default: 1)
-    QD_WORKERS         parallel downloads                                         (default: 4)
-    QD_DATA_DIR, QD_MODELS_DIR, QD_FIGURES_DIR   folders (default: data, models, reports/figures)
-    QUICKDRAW_BASE_URL data source: the bucket root or a mirror of its layout, URL or folder
+Settings come from StudyConfig: each field names the environment variable that overrides it and what
+it means, and `settings_table()` lists them with their defaults (the notebook's configuration cell shows it).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,55 +34,67 @@ RUNS: dict[str, dict] = {"V1": RECIPES["v1"], "V2": RECIPES["v2"], "V2-XL": RECI
                          "V2-tuned": RECIPES["v2-tuned"], "QuickDrawNet": RECIPES["qdnet"]}
 METRICS = ("top1", "top3", "map3")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-NONE_MEANS = {"max_per_class": "all", "epochs": "each run's recipe", "batch_size": "each run's recipe",
-              "threads": "torch's choice"}
+POSITIVE = ("max_per_class", "epochs", "batch_size", "threads", "workers")  # settings that must be >= 1
+
+
+def setting(default=dataclasses.MISSING, *, env: str, help: str, none: str | None = None, shown: str | None = None,
+            default_factory=dataclasses.MISSING):
+    """A StudyConfig field with the environment variable that overrides it and what it means. `none`: the word
+    that sets an optional field to None from the environment; `shown`: how None is shown."""
+    return field(default=default, default_factory=default_factory,
+                 metadata=dict(env=env, help=help, none=none, shown=shown))
 
 
 @dataclass
 class StudyConfig:
-    """Everything the notebook's run depends on; `from_env()` applies the QD_* overrides."""
-    categories: list[str] = field(default_factory=lambda: list(ORIGINAL_CATEGORIES))
+    """Everything the notebook's run depends on; `from_env()` applies the environment overrides named in
+    each field (`settings_table()` lists them)."""
+    categories: list[str] = setting(default_factory=lambda: list(ORIGINAL_CATEGORIES), env="QD_CATEGORIES",
+                                    help='comma-separated official names, e.g. "dog,alarm clock"')
     # The first 10,000 of each category keep a CPU run near an hour; "all" (None) is 100,000+ each.
-    max_per_class: int | None = 10_000  # None: every drawing of each category
-    epochs: int | None = None         # None: each run's recipe (the original study's 10)
-    batch_size: int | None = None     # None: each run's recipe (the original study's 64)
-    seed: int = 0
-    device: str = "auto"
-    models: list[str] = field(default_factory=lambda: list(RUNS))
-    data_dir: str = "data"
-    base_url: str | None = None       # None: QUICKDRAW_BASE_URL, else the official bucket
-    models_dir: str = "models"
-    figures_dir: str = "reports/figures"
-    threads: int | None = None        # None: torch's choice
-    progress: bool = True             # live progress bars; per-epoch summaries are printed either way
-    workers: int = 4
+    max_per_class: int | None = setting(10_000, env="QD_MAX_PER_CLASS", help="drawings per category",
+                                        none="all", shown="all")
+    epochs: int | None = setting(None, env="QD_EPOCHS", help="epochs for every run (the original study's: 10)",
+                                 none="recipe", shown="each run's recipe")
+    batch_size: int | None = setting(None, env="QD_BATCH_SIZE", help="batch size for every run (the original's: 64)",
+                                     none="recipe", shown="each run's recipe")
+    # The committed notebook run used seed 1.
+    seed: int = setting(1, env="QD_SEED", help="seed of the split, the initial weights and the batches")
+    device: str = setting("auto", env="QD_DEVICE", help="auto, cpu, cuda[:N] or mps, available here")
+    models: list[str] = setting(default_factory=lambda: list(RUNS), env="QD_MODELS",
+                                help="comma-separated runs to train, from RUNS")
+    data_dir: str = setting("data", env="QD_DATA_DIR", help="folder of the downloaded bitmaps")
+    base_url: str | None = setting(None, env="QUICKDRAW_BASE_URL", shown="the official bucket",
+                                   help="data source: the bucket root or a mirror of its layout, URL or folder")
+    models_dir: str = setting("models", env="QD_MODELS_DIR", help="folder of the checkpoints")
+    figures_dir: str = setting("reports/figures", env="QD_FIGURES_DIR", help="folder of the figures")
+    threads: int | None = setting(None, env="QD_THREADS", help="torch CPU threads", none="auto",
+                                  shown="torch's choice")
+    progress: bool = setting(True, env="QD_PROGRESS",
+                             help="live progress bars, 1 or 0 (0 for headless runs: a saved notebook keeps only "
+                                  "their first frame); per-epoch summaries are printed either way")
+    workers: int = setting(4, env="QD_WORKERS", help="parallel downloads")
     overrides: dict[str, str] = field(default_factory=dict, repr=False)  # field -> the variable that set it
 
     def __post_init__(self):
-        self.categories = resolve_categories(self.categories)
-        self.device = _device(self.device)  # now, not an hour into the run
-        unknown = [m for m in self.models if m not in RUNS]
-        if unknown or not self.models:
-            raise ValueError(f"unknown runs {unknown or self.models}; choose from {', '.join(RUNS)}")
-        for name in ("max_per_class", "epochs", "batch_size", "threads", "workers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for f in settings():
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name)))
 
     @classmethod
     def from_env(cls, environ=None, **defaults) -> "StudyConfig":
-        """`defaults` (fields; StudyConfig's own for the rest), overridden by whichever QD_* /
-        QUICKDRAW_BASE_URL variables are set."""
+        """`defaults` (fields; StudyConfig's own for the rest), overridden by whichever of the fields'
+        environment variables are set."""
         environ = os.environ if environ is None else environ
         values, overrides = dict(defaults), {}
-        for var, (name, parse) in ENV.items():
+        for f in settings():
+            var = f.metadata["env"]
             raw = environ.get(var, "").strip()
             if raw:
                 try:
-                    values[name] = parse(raw)
+                    values[f.name] = _checked(f.name, parse_setting(f, raw))
                 except ValueError as e:
                     raise ValueError(f"{var}={raw!r}: {e}") from None
-                overrides[name] = var
+                overrides[f.name] = var
         return cls(**values, overrides=overrides)
 
     def train_config(self, run: str) -> TrainConfig:
@@ -108,17 +106,62 @@ class StudyConfig:
     def describe(self) -> str:
         """One line per setting, saying which came from the environment."""
         lines = []
-        for f in dataclasses.fields(self):
-            if f.name == "overrides":
-                continue
+        for f in settings():
             value = getattr(self, f.name)
             note = f"   <- {self.overrides[f.name]}" if f.name in self.overrides else ""
             if f.name == "base_url" and value is None:
                 value = resolve_base_url(value)
             elif value is None:
-                value = NONE_MEANS.get(f.name, value)
+                value = f.metadata["shown"]
             lines.append(f"{f.name:>14}: {value}{note}")
         return "\n".join(lines)
+
+
+def settings() -> tuple[dataclasses.Field, ...]:
+    """StudyConfig's settings: its fields that have an environment variable."""
+    return tuple(f for f in dataclasses.fields(StudyConfig) if "env" in f.metadata)
+
+
+def settings_table() -> Table:
+    """Every setting: its environment variable, its default and what it means."""
+    rows = []
+    for f in settings():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown = f.metadata["shown"] if default is None else default
+        word = f', or "{f.metadata["none"]}"' if f.metadata["none"] else ""
+        rows.append([f.metadata["env"], f.name, str(shown), f.metadata["help"] + word])
+    return Table(["variable", "field", "default", "meaning"], rows, numbers=False)
+
+
+def parse_setting(f: dataclasses.Field, raw: str):
+    """The value of setting `f` written as `raw` in the environment, read by the field's type."""
+    kind = _HINTS[f.name]
+    if kind is bool:
+        return _flag(raw)
+    if kind in (int, int | None):
+        return _count(raw, f.metadata["none"]) if f.metadata["none"] else _int(raw)
+    if kind == list[str]:
+        return _names(raw)
+    if kind in (str, str | None):
+        return raw
+    raise TypeError(f"no parser for setting {f.name} of type {kind}")
+
+
+def _checked(name: str, value):
+    """`value` of setting `name`, checked and normalised (the same rules for fields and the environment)."""
+    if name == "categories":
+        return resolve_categories(value)
+    if name == "device":
+        return _device(value)  # now, not an hour into the run
+    if name == "models":
+        unknown = [m for m in value if m not in RUNS]
+        if unknown or not value:
+            raise ValueError(f"unknown runs {unknown or value}; choose from {', '.join(RUNS)}")
+    if name in POSITIVE and value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _names(raw: str) -> list[str]:
@@ -162,22 +205,8 @@ def _int(raw: str) -> int:
         raise ValueError("expected an integer") from None
 
 
-ENV = {
-    "QD_CATEGORIES": ("categories", lambda s: resolve_categories(_names(s))),
-    "QD_MAX_PER_CLASS": ("max_per_class", lambda s: _count(s, "all")),
-    "QD_EPOCHS": ("epochs", lambda s: _count(s, "recipe")),
-    "QD_BATCH_SIZE": ("batch_size", lambda s: _count(s, "recipe")),
-    "QD_SEED": ("seed", _int),
-    "QD_DEVICE": ("device", _device),
-    "QD_MODELS": ("models", _names),
-    "QD_THREADS": ("threads", lambda s: _count(s, "auto")),
-    "QD_PROGRESS": ("progress", _flag),
-    "QD_WORKERS": ("workers", lambda s: _count(s, "default")),
-    "QD_DATA_DIR": ("data_dir", str),
-    "QD_MODELS_DIR": ("models_dir", str),
-    "QD_FIGURES_DIR": ("figures_dir", str),
-    "QUICKDRAW_BASE_URL": ("base_url", str),
-}
+_HINTS = typing.get_type_hints(StudyConfig)
+ENV = {f.metadata["env"]: f.name for f in settings()}  # variable -> field
 
 
 def download(config: StudyConfig) -> dict[str, Fetched]:
