@@ -23,7 +23,7 @@ from utils.io import atomic_write
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
 from utils.report import Table
-from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, resolved, score_and_save, set_seed
+from utils.train import RECIPES, TrainConfig, fit, pick_device, resolved, score_and_save, set_seed
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
@@ -370,81 +370,70 @@ def _most_confused(result: dict) -> tuple[str, str, float]:
 
 
 @dataclass
+class Gain:
+    """Run `run` against run `baseline`: test top-1 of each, the difference in points and the training
+    time as a multiple of the baseline's (NaN where either run was not trained)."""
+    run: str
+    baseline: str
+    baseline_top1: float
+    top1: float
+    points: float
+    time_ratio: float
+
+
+@dataclass
 class Findings:
-    """The study's findings and the conclusion drawn from them; shows as a Markdown list in Jupyter."""
-    items: list[str]
-    conclusion: str
+    """The study's figures, from which the notebook writes its findings."""
+    best: str                  # the run with the highest validation top-1 (chosen without the test split)
+    params: int
+    n_classes: int
+    test: dict                 # the best run's test scores: top1, top3, map3, n
+    val: dict                  # and validation scores
+    gains: dict[str, Gain]     # "V2 vs V1", "V2-XL vs V2", "V2-tuned vs V2", "QuickDrawNet vs V2", "best vs V2"
+    fastest: str               # the run with the most training images per second
+    fastest_images_per_s: float
+    hardest: str               # the best run's least accurate category
+    hardest_accuracy: float
+    confused: tuple[str, str, float]  # the best run's most frequent confusion: true, predicted, share of true
+    val_test_gap: float        # |val - test| top-1 of the best run, in points
+    budgets: dict[str, dict]   # run -> its time budget (epochs, max_epochs, minutes) and fit_minutes
+    precisions: dict[str, dict]  # run -> chosen precision and the images/s timed for each candidate
+    stops: dict[str, dict]     # run -> epochs, planned_epochs, why (a STOP_NOTES word) and best_epoch
 
-    def __str__(self) -> str:
-        return "\n".join(f"- {item}" for item in self.items) + f"\n\n{self.conclusion}"
 
-    __repr__ = _repr_markdown_ = __str__
+GAINS = (("V2", "V1"), ("V2-XL", "V2"), ("V2-tuned", "V2"), ("QuickDrawNet", "V2"))
 
 
-def _gain(by: dict[str, dict], a: str, b: str) -> tuple[float, float]:
-    """Test top-1 points run `a` gained over run `b`, and its training time as a multiple of b's."""
-    points = 100 * (by[a]["test"]["top1"] - by[b]["test"]["top1"])
-    return points, by[a]["train_seconds"] / max(by[b]["train_seconds"], 1e-9)
+def _gain(by: dict[str, dict], a: str, b: str) -> Gain:
+    if a not in by or b not in by:
+        nan = float("nan")
+        return Gain(a, b, nan, nan, nan, nan)
+    ta, tb = by[a]["test"]["top1"], by[b]["test"]["top1"]
+    return Gain(a, b, tb, ta, 100 * (ta - tb), by[a]["train_seconds"] / max(by[b]["train_seconds"], 1e-9))
 
 
 def findings(results: list[dict]) -> Findings:
-    """The study's findings, computed from the results of this run."""
+    """The study's figures, computed from the results of this run."""
     if not results:
-        return Findings([], "No run was trained.")
+        raise ValueError("no run was trained")
     by = {r["name"]: r for r in results}
     best = best_result(results)
-    n_test = best["test"]["n"]
-    out = [f"Best by validation top-1: {best['name']} ({best['params']:,} parameters): test top-1 "
-           f"{best['test']['top1']:.2%}, top-3 {best['test']['top3']:.2%}, MAP@3 {best['test']['map3']:.2%} "
-           f"on all {n_test:,} test drawings ({len(best['classes'])} categories)."]
-    for a, b, what in (("V2", "V1", "batch norm, a third conv block and dropout"),
-                       ("V2-XL", "V2", "training on rotated and flipped copies"),
-                       ("V2-tuned", "V2", "the same network, our recipe"),
-                       ("QuickDrawNet", "V2", "our residual network and recipe")):
-        if a in by and b in by:
-            points, ratio = _gain(by, a, b)
-            out.append(f"{a} vs {b} ({what}): test top-1 {by[b]['test']['top1']:.2%} -> {by[a]['test']['top1']:.2%} "
-                       f"({points:+.2f} points), {ratio:.1f}x the training time.")
-    for r in results:
-        if r.get("budget"):
-            b = r["budget"]
-            out.append(f"{r['name']}: {describe_budget(b)} (at most {b['max_epochs']}), from its speed timed early "
-                       f"in the first epoch; it trained for {r.get('fit_seconds', r['train_seconds']) / 60:.1f} min "
-                       f"with validation, its schedule run to the end.")
-        if r.get("precision", {}).get("how") == "measured":
-            rates = r["precision"]["images_per_s"]
-            out.append(f"{r['name']} trained in {r['precision']['precision']}, the fastest of "
-                       + ", ".join(f"{k} ({v:,.0f} images/s)" for k, v in rates.items()) + " as timed before training.")
-        if r.get("stopped") in STOP_NOTES:
-            out.append(f"{r['name']} stopped after {r['epochs']} of {r['planned_epochs']} epochs "
-                       f"({STOP_NOTES[r['stopped']]}); it is scored at its best epoch, {r['best_epoch']}.")
+    gains = {f"{a} vs {b}": _gain(by, a, b) for a, b in GAINS}
+    gains["best vs V2"] = _gain(by, best["name"], "V2")
     fastest = max(results, key=lambda r: r["images_per_s"])
-    out.append(f"Fastest training: {fastest['name']} at {fastest['images_per_s']:,.0f} images/s.")
-    per_class = best["per_class"]
-    worst = int(np.argmin(per_class))
-    true, pred, rate = _most_confused(best)
-    out.append(f"{best['name']}'s hardest category: {best['classes'][worst]} ({per_class[worst]:.2%} right); "
-               f"most frequent confusion: {true} taken for {pred} ({rate:.2%} of {true} drawings).")
-    gap = best["val"]["top1"] - best["test"]["top1"]
-    out.append(f"{best['name']}: validation and test top-1 differ by {100 * abs(gap):.2f} points "
-               f"({best['val']['n']:,} and {n_test:,} drawings, both held out before any augmentation).")
-    return Findings(out, _conclusion(by, best))
-
-
-def _conclusion(by: dict[str, dict], best: dict) -> str:
-    parts = []
-    if "V2-XL" in by and "V2" in by:
-        points, ratio = _gain(by, "V2-XL", "V2")
-        parts.append(f"the original study's rotated and flipped copies (V2-XL) moved V2's test top-1 by "
-                     f"{points:+.2f} points for {ratio:.1f}x its training time")
-    if "V2" in by and best["name"] not in ("V2", "V2-XL"):
-        points, ratio = _gain(by, best["name"], "V2")
-        parts.append(f"{best['name']}, the best run by validation, moved it by {points:+.2f} points "
-                     f"for {ratio:.1f}x")
-    else:
-        parts.append(f"{best['name']} is the best run by validation, at {best['test']['top1']:.2%} test top-1")
-    text = "; ".join(parts)
-    return f"**In short:** {text[0].upper()}{text[1:]}."
+    worst = int(np.argmin(best["per_class"]))
+    return Findings(
+        best=best["name"], params=best["params"], n_classes=len(best["classes"]), test=best["test"], val=best["val"],
+        gains=gains, fastest=fastest["name"], fastest_images_per_s=fastest["images_per_s"],
+        hardest=best["classes"][worst], hardest_accuracy=float(best["per_class"][worst]),
+        confused=_most_confused(best), val_test_gap=100 * abs(best["val"]["top1"] - best["test"]["top1"]),
+        budgets={r["name"]: dict(r["budget"], fit_minutes=r.get("fit_seconds", r["train_seconds"]) / 60)
+                 for r in results if r.get("budget")},
+        precisions={r["name"]: dict(chosen=r["precision"]["precision"], images_per_s=r["precision"]["images_per_s"])
+                    for r in results if r.get("precision", {}).get("how") == "measured"},
+        stops={r["name"]: dict(epochs=r["epochs"], planned_epochs=r["planned_epochs"], why=STOP_NOTES[r["stopped"]],
+                               best_epoch=r["best_epoch"]) for r in results if r.get("stopped") in STOP_NOTES},
+    )
 
 
 def save_best(best: dict, config: StudyConfig) -> Path:
