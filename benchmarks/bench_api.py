@@ -38,10 +38,10 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from app.agreement import agreement, bitmap_categories, train_bitmap_model
+from testkit.agreement import agreement, bitmap_categories, train_bitmap_model
 from app.inputs import MAX_DRAWINGS, MAX_IMAGE_PIXELS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, SIDE, ink_length
-from app.launch import running_server
-from tests.mirror import SHARED_DIR
+from testkit.launch import running_server
+from testkit.mirror import SHARED_DIR
 from utils.checkpoint import read_checkpoint
 from utils.device import describe_machine, machine_info
 from utils.io import write_json
