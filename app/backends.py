@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-SIDE = 28
+from utils.formats import SIDE
+
 INPUT_NAME = "bitmaps"  # uint8 (N,28,28)
 OUTPUT_NAME = "logits"  # float32 (N,C)
 INPUT_CONVENTION = (f"uint8 (N, {SIDE}, {SIDE}) as the official Quick, Draw! numpy bitmaps (row by row, "

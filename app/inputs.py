@@ -22,9 +22,9 @@ from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, C
                       ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from utils.formats import SIDE
 from utils.strokes import render, simplify
 
-SIDE = 28
 # Limits per request. Each bounds a cost in time or memory; going over one answers 413.
 MAX_BODY_BYTES = 1_000_000
 MAX_DRAWINGS = 256

@@ -3,7 +3,7 @@
 1. Raw strokes agree with the official bitmaps: for the 519 raw/bitmap pairs (line i of
    full/raw/<name>.ndjson is row i of full/numpy_bitmap/<name>.npy), /predict with the raw strokes
    and /predict with the official bitmap give the same top-1 label (target: at least 98%;
-   app.agreement, asked in batches).
+   testkit.agreement, asked in batches).
 2. Throughput under load from 127.0.0.1: 16 connections, each sending single drawings of 30 to 100
    points (real raw drawings of all categories), bounded in count and time; predictions/s and
    p50/p99 latency (targets: at least 300/s, p99 under 100 ms). wrk (Debian's; lua scripts).
@@ -38,10 +38,10 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from app.agreement import agreement, bitmap_categories, train_bitmap_model
+from testkit.agreement import agreement, bitmap_categories, train_bitmap_model
 from app.inputs import MAX_DRAWINGS, MAX_IMAGE_PIXELS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, SIDE, ink_length
-from app.launch import running_server
-from tests.mirror import SHARED_DIR
+from testkit.launch import running_server
+from testkit.mirror import SHARED_DIR
 from utils.checkpoint import read_checkpoint
 from utils.device import describe_machine, machine_info
 from utils.io import write_json

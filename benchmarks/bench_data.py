@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, random_split
 
 ROOT = Path(__file__).resolve().parents[1]
-from tests.mirror import SHARED_DIR
+from testkit.mirror import SHARED_DIR
 from utils.data import iterate_batches, load_bitmaps, split, stratified_split
 
 # The original path as measured on this machine at the default scale: load to first batch, peak, rate.

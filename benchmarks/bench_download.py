@@ -5,7 +5,7 @@ header + 700 x 784 (at most 110% allowed) and whether the array equals the mirro
 then the bytes a second run moves (0 expected); then a run killed half-way through (a slowed mirror)
 and started again, which must resume from its .part files and end with the same correct arrays.
 
-Then every fault mode of the test mirror (tests/mirror.py): a first run fetches 350 rows, a second
+Then every fault mode of the test mirror (testkit/mirror.py): a first run fetches 350 rows, a second
 grows them to 700 while the mirror misbehaves (statuses, dropped bodies, ignored ranges, no validators,
 200 HTML pages, a same-size new version of each file). Each mode must end with arrays equal to the true
 rows of the file served, or with a non-zero exit and an error naming the file; a wrong array with exit
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.mirror import SHARED_DIR, Faults, header_size, reverse_rows, serve
+from testkit.mirror import SHARED_DIR, Faults, header_size, reverse_rows, serve
 from utils.device import describe_machine, machine_info
 from utils.io import write_json
 

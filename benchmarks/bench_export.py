@@ -41,7 +41,7 @@ import onnxruntime
 import torch
 
 from app.backends import OnnxBackend, load_backend
-from tests.mirror import SHARED_DIR
+from testkit.mirror import SHARED_DIR
 from utils.checkpoint import load_checkpoint
 from utils.device import cpu_flags, describe_machine, machine_info
 from utils.export import (QuantSettings, calibration_sample, export, int8_path, onnx_logits, quantize_int8,

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.mirror import SHARED_DIR
+from testkit.mirror import SHARED_DIR
 from utils.device import describe_machine, machine_info
 from utils.download import bitmap_path
 from utils.io import write_json

@@ -23,7 +23,7 @@ import cairocffi
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
-from tests.mirror import SHARED_DIR
+from testkit.mirror import SHARED_DIR
 from utils.strokes import official_pairs, read_ndjson, render, render_batch, simplify
 
 FULL = SHARED_DIR / "full"

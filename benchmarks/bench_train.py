@@ -31,6 +31,7 @@ from utils.data import load_bitmaps, split
 from utils.device import describe_machine, machine_info
 from utils.io import write_json
 from utils.models import build_model, count_parameters, flops_per_image
+from utils.report import markdown_table
 from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, score_and_save, set_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +101,7 @@ def table(results: list[dict]) -> str:
     rows = [[r["name"], f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.1f}", r["precision"]["precision"],
              epochs_cell(r), f"{r['train_seconds']:.0f}", f"{r['fit_seconds']:.0f}", f"{r['images_per_s']:,.0f}",
              *(f"{r[s][k]:.2%}" for s in SPLITS for k in SCORES)] for r in results]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    fmt = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+    return markdown_table(head, rows)
 
 
 def verdicts(by_name: dict[str, dict]) -> list[str]:

@@ -14,7 +14,7 @@ import uvicorn
 from app.api import ServiceConfig, create_app
 from app.server import uvicorn_config
 from app.service import Classifier
-from tests.mirror import SHARED_DIR, serve
+from testkit.mirror import SHARED_DIR, serve
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.io import atomic_write
 from utils.data import QuickDrawSet

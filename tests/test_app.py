@@ -22,11 +22,11 @@ from PIL import Image
 
 import app.api
 from app.__main__ import parse_args
-from app.agreement import agreement, batches, bitmap_categories, train_bitmap_model
+from testkit.agreement import agreement, batches, bitmap_categories, train_bitmap_model
 from app.api import ServiceConfig, create_app
 from app.inputs import (MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, Costly, InputError, image_to_bitmap,
                         ink_length, read_drawings)
-from app.launch import app_command, free_port, running_server
+from testkit.launch import app_command, free_port, running_server
 from app.service import Batcher, Workers
 from tests.conftest import SHAPES, serving, shape_strokes
 from utils.checkpoint import load_checkpoint

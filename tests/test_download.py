@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.mirror import HTML_PAGE, Faults, header_size, reverse_rows, serve
+from testkit.mirror import HTML_PAGE, Faults, header_size, reverse_rows, serve
 from utils.categories import UnknownCategoryError, resolve_categories
 from utils.download import (BASE_URL_ENV, DEFAULT_BASE_URL, GUESSED_HEADER, DownloadError, FetchSettings,
                             download_bitmaps, download_strokes, main, resolve_base_url)

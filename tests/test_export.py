@@ -15,7 +15,7 @@ import torch
 
 from app.backends import (INPUT_CONVENTION, ModelFileError, OnnxBackend, TorchBackend, check_bitmaps,
                           load_backend)
-from app.launch import PROJECT_ROOT
+from testkit.launch import PROJECT_ROOT
 from utils import export as export_module
 from utils import train as train_module
 from utils.checkpoint import load_checkpoint, read_checkpoint, save_state

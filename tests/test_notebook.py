@@ -1,4 +1,5 @@
 """notebook.ipynb runs top to bottom on a small real configuration; utils/study.py's settings and reports."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_notebook_runs_on_mirror_and_writes_every_figure(mirror_url, tmp_path, m
     found = next(c for c in nb.cells if c.cell_type == "code" and "study.findings(results)" in c.source).outputs
     markdown = found[0]["data"]["text/markdown"]
     assert markdown.startswith("- Best by validation top-1") and "\n\n**In short:** " in markdown
+    assert "nan" not in markdown and "{" not in markdown  # every run trained, every figure filled in
     assert sorted(p.name for p in (tmp_path / "data" / "numpy_bitmap").glob("*.npy")) == sorted(f"{c}.npy" for c in SMALL)
 
 
@@ -173,20 +175,28 @@ def test_best_is_chosen_by_validation_and_reported():
     assert lines[2].startswith("| V1 ") and "90.00%" in lines[2] and "1,234" in lines[2]
     assert lines[3].startswith("| V2 *")
     found = study.findings(results)
-    assert found.items[0].startswith("Best by validation top-1: V2") and "70.00%" in found.items[0]
-    assert any("V2 vs V1" in f and "90.00% -> 70.00% (-20.00 points)" in f and "2.0x" in f for f in found.items)
-    assert any("b taken for a (40.00%" in f for f in found.items)
-    assert found.conclusion == "**In short:** V2 is the best run by validation, at 70.00% test top-1."
-    assert found._repr_markdown_().startswith("- Best by validation top-1: V2")
+    assert (found.best, found.params, found.n_classes, found.test["top1"]) == ("V2", 1234, 2, 0.70)
+    v2 = found.gains["V2 vs V1"]
+    assert (v2.baseline_top1, v2.top1) == (0.90, 0.70)
+    assert v2.points == pytest.approx(-20.0) and v2.time_ratio == pytest.approx(2.0)
+    assert found.gains["best vs V2"].points == 0 and found.gains["best vs V2"].time_ratio == 1
+    assert np.isnan(found.gains["V2-XL vs V2"].points)  # V2-XL was not trained
+    assert (found.fastest, found.fastest_images_per_s) == ("V1", 500.0)
+    assert (found.hardest, found.hardest_accuracy) == ("b", 0.6)
+    assert found.confused[:2] == ("b", "a") and found.confused[2] == pytest.approx(0.4)  # 4 of b's 10 taken for a
+    assert found.val_test_gap == pytest.approx(15.0)
+    with pytest.raises(ValueError, match="no run was trained"):
+        study.findings([])
 
 
-def test_conclusion_weighs_gains_against_training_time():
+def test_gains_weigh_test_points_against_training_time():
     results = [fake_result("V2", val=0.80, test=0.80), fake_result("V2-XL", val=0.81, test=0.805, seconds=50),
                fake_result("QuickDrawNet", val=0.90, test=0.85, seconds=30)]
-    assert study.findings(results).conclusion == (
-        "**In short:** The original study's rotated and flipped copies (V2-XL) moved V2's test top-1 by "
-        "+0.50 points for 5.0x its training time; QuickDrawNet, the best run by validation, moved it by +5.00 points "
-        "for 3.0x.")
+    found = study.findings(results)
+    xl, net, best = found.gains["V2-XL vs V2"], found.gains["QuickDrawNet vs V2"], found.gains["best vs V2"]
+    assert (xl.points, xl.time_ratio) == (pytest.approx(0.5), pytest.approx(5.0))
+    assert (net.points, net.time_ratio) == (pytest.approx(5.0), pytest.approx(3.0))
+    assert found.best == "QuickDrawNet" and best == net
 
 
 def test_budget_and_precision_are_shown():
@@ -203,12 +213,11 @@ def test_budget_and_precision_are_shown():
     assert rows[2][5:7] == ["fp32 NCHW (set)", "3"]
     assert rows[3][5:7] == ["bf16 NHWC (timed)", "7 of 30, sized to 14.5 min"]
     assert rows[4][5:7] == ["fp32 NCHW", "2 of 3 (time cap)"]
-    items = study.findings([forced, sized, capped]).items
-    assert "QuickDrawNet: 7 epochs, sized to 14.5 min (at most 30), from its speed timed early in the first epoch; " \
-           "it trained for 14.0 min with validation, its schedule run to the end." in items
-    assert "QuickDrawNet trained in bf16 NHWC, the fastest of fp32 NCHW (1,000 images/s), bf16 NHWC (2,500 images/s) " \
-           "as timed before training." in items
-    assert "V1 stopped after 2 of 3 epochs (time cap); it is scored at its best epoch, 2." in items
+    found = study.findings([forced, sized, capped])
+    assert found.budgets == {"QuickDrawNet": dict(minutes=14.5, epochs=7, max_epochs=30, fit_minutes=14.0)}
+    assert found.precisions == {"QuickDrawNet": dict(chosen="bf16 NHWC",
+                                                     images_per_s={"fp32 NCHW": 1000.0, "bf16 NHWC": 2500.0})}
+    assert found.stops == {"V1": dict(epochs=2, planned_epochs=3, why="time cap", best_epoch=2)}
 
 
 def test_history_table_marks_the_kept_epoch():
@@ -218,3 +227,45 @@ def test_history_table_marks_the_kept_epoch():
     assert len(lines) == 4 and lines[0].startswith("| epoch")
     assert lines[2].startswith("| 1 *") and "60.00%" in lines[2] and "0.9000" in lines[2]
     assert "*" not in lines[3] and "0.9500" in lines[3]
+
+
+def test_every_setting_has_an_environment_variable_and_help():
+    fields = [f for f in dataclasses.fields(study.StudyConfig) if f.name != "overrides"]
+    assert [f.name for f in study.settings()] == [f.name for f in fields]
+    variables = [f.metadata["env"] for f in fields]
+    assert len(set(variables)) == len(variables) and all(v.startswith(("QD_", "QUICKDRAW_")) for v in variables)
+    assert all(f.metadata["help"] for f in fields)
+    table = str(study.settings_table())
+    assert all(f"| {v} " in table for v in variables)
+    assert "| QD_SEED            | seed          | 1 " in table  # the committed notebook run's seed
+
+
+def as_env(value, none_word) -> str:
+    """How a user writes `value` in the environment."""
+    if value is None:
+        return none_word
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list):
+        return ", ".join(value)
+    return str(value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("categories", ["alarm clock", "dog"]), ("max_per_class", 250), ("max_per_class", None), ("epochs", 3),
+    ("epochs", None), ("seed", -7), ("device", "cpu"), ("models", ["V1", "V2-XL"]), ("data_dir", "/tmp/d x"),
+    ("base_url", "http://127.0.0.1:9/q/"), ("threads", None), ("progress", False), ("progress", True), ("workers", 2),
+])
+def test_settings_round_trip_through_the_environment(name, value):
+    f = next(f for f in study.settings() if f.name == name)
+    raw = as_env(value, f.metadata["none"])
+    assert study.parse_setting(f, raw) == value
+    config = study.StudyConfig.from_env({f.metadata["env"]: raw})
+    assert getattr(config, name) == value and config.overrides == {name: f.metadata["env"]}
+
+
+def test_a_bad_setting_from_the_environment_names_its_variable():
+    with pytest.raises(ValueError, match="QD_WORKERS='0': workers must be a positive integer"):
+        study.StudyConfig.from_env({"QD_WORKERS": "0"})
+    with pytest.raises(ValueError, match="QD_SEED='one': expected an integer"):
+        study.StudyConfig.from_env({"QD_SEED": "one"})

@@ -177,3 +177,13 @@ def test_save_figure_writes_png(tmp_path):
     assert plots.save_figure(axes, "curves_x.png", tmp_path).stat().st_size > 0
     with pytest.raises(ValueError, match="plain file name"):
         plots.save_figure(ax, "../escape", tmp_path)
+
+
+def test_pick_per_class_takes_distinct_rows_of_each_class_reproducibly():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    index = plots.pick_per_class(labels, 2, 3, seed=5)
+    assert labels[index].tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(set(index.tolist())) == 6
+    assert torch.equal(index, plots.pick_per_class(labels, 2, 3, seed=5))
+    # fewer rows than asked: all of that class; classes past n_classes are left out
+    assert labels[plots.pick_per_class(labels, 5, 2)].tolist() == [0, 0, 0, 0, 1, 1, 1]

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.__main__ import DEFAULT_MODEL, parse_args
 from app.api import create_app
-from app.launch import PROJECT_ROOT, running_server
+from testkit.launch import PROJECT_ROOT, running_server
 from app.service import Classifier
 from tests.conftest import SHAPES, shape_strokes
 from utils.strokes import render, simplify

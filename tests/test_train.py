@@ -12,10 +12,10 @@ import torch
 
 import utils.train as train_module
 from utils.data import QuickDrawSet
-from utils.device import cpu_flags
+from utils.device import cpu_flags, set_seed
 from utils.models import build_model
-from utils.train import (CheckpointError, TrainConfig, fit, history_path, last_path, load_checkpoint, pick_device,
-                         save_checkpoint, set_seed)
+from utils.train import (CheckpointError, TrainConfig, fit, history_path, last_path, load_checkpoint,
+                         save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -330,23 +330,6 @@ def test_config_rejects_unknown_choices():
         TrainConfig(augment="rotate")
     with pytest.raises(ValueError, match="unknown schedule"):
         TrainConfig(schedule="step")
-
-
-def test_pick_device():
-    assert pick_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert pick_device("auto").type == expected
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="'cuda' is not available"):
-            pick_device("cuda")
-
-
-def test_set_seed_repeats_every_generator():
-    set_seed(3)
-    a = torch.rand(3), np.random.rand(3)
-    set_seed(3)
-    b = torch.rand(3), np.random.rand(3)
-    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def test_cli_dry_run_downloads_trains_and_prints_json_last(tmp_path, mirror_url):

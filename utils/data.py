@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from utils.download import bitmap_path
+from utils.formats import SIDE
 from utils.npy import read_file_header
-
-SIDE = 28
 
 
 @dataclass

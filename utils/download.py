@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 from utils.categories import category_names, resolve_categories
 from utils.fetch import (IDENTITY, CorruptFileError, DownloadError, FetchSettings, fetch_prefix, file_size, origin,
                          read_json, read_tail, tag_path)
+from utils.formats import KINDS, SIDE
 from utils.io import atomic_write, write_json
 from utils.npy import MAX_HEADER, NpyHeaderError, read_header
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/quickdraw_dataset/"
 BASE_URL_ENV = "QUICKDRAW_BASE_URL"
-KINDS = ("simplified", "raw")
-ROW_BYTES = 28 * 28
+ROW_BYTES = SIDE * SIDE
 GUESSED_HEADER = 128  # numpy pads .npy headers to a multiple of 64 bytes (older versions: 16, giving 80)
 
 log = logging.getLogger(__name__)

@@ -71,14 +71,19 @@ def image_grid(images, labels: Sequence[str], ncols: int = 8, ax: Axes | None = 
     return ax
 
 
-def sample_grid(ds, per_class: int = 3, ncols: int = 9, seed: int = 0, ax: Axes | None = None) -> Axes:
-    """`per_class` random drawings of every category of a QuickDrawSet, labelled."""
+def pick_per_class(labels: torch.Tensor, per_class: int, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `per_class` random rows of each class 0..n_classes-1, class by class (reproducible by seed)."""
     g = torch.Generator().manual_seed(seed)
     picks = []
-    for c in range(len(ds.classes)):
-        idx = torch.nonzero(ds.labels == c).flatten()
+    for c in range(n_classes):
+        idx = torch.nonzero(labels == c).flatten()
         picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    index = torch.cat(picks)
+    return torch.cat(picks)
+
+
+def sample_grid(ds, per_class: int = 3, ncols: int = 9, seed: int = 0, ax: Axes | None = None) -> Axes:
+    """`per_class` random drawings of every category of a QuickDrawSet, labelled."""
+    index = pick_per_class(ds.labels, per_class, len(ds.classes), seed)
     labels = [ds.classes[int(i)] for i in ds.labels[index]]
     return image_grid(ds.images[index], labels, ncols=ncols, ax=ax,
                       title=f"Sample drawings ({per_class} per category)")

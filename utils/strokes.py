@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from utils.formats import KINDS
 from utils.io import atomic_write
 
 EPSILON = 2.0       # Ramer-Douglas-Peucker tolerance of the simplification, in 0..255 units
@@ -29,7 +30,6 @@ EXTENT = 255.0      # a simplified drawing spans 0..EXTENT on its longer side
 CANVAS = 256.0      # the square the simplified coordinates live in
 LINE_WIDTH = 16.0   # pen diameter, in canvas units
 PADDING = 16.0      # border around the canvas, in canvas units
-KINDS = ("simplified", "raw")
 
 CAIRO_HELP = ("rendering strokes needs the cairo library and its cffi binding: install them with "
               "`apt-get install libcairo2` (Debian/Ubuntu; `brew install cairo` on macOS) and "

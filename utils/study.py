@@ -1,28 +1,14 @@
 """The study behind notebook.ipynb: its settings, its training runs and how their results are reported.
 
-Settings come from StudyConfig (defaults: the original study's ten categories and recipe; the notebook's
-configuration cell passes its own to `from_env`) and can be overridden from the environment without
-editing the notebook:
-
-    QD_CATEGORIES      comma-separated official names, e.g. "dog,alarm clock"   (default: the original ten)
-    QD_MAX_PER_CLASS   drawings per category, or "all"                           (default: 10000)
-    QD_EPOCHS          epochs for every run, or "recipe"                         (default: each run's recipe)
-    QD_BATCH_SIZE      batch size for every run, or "recipe"                     (default: each run's recipe)
-    QD_SEED            seed of the split, the initial weights and the batches    (default: 0)
-    QD_DEVICE          auto, cpu, cuda[:N] or mps, available here                 (default: auto)
-    QD_MODELS          comma-separated runs to train, from RUNS                  (default: all of RUNS)
-    QD_THREADS         torch CPU threads                                          (default: torch's choice)
-    QD_PROGRESS        live progress bars, 1 or 0 (0 for headless runs: a saved notebook
-                       keeps only their first frame)                              (default: 1)
-    QD_WORKERS         parallel downloads                                         (default: 4)
-    QD_DATA_DIR, QD_MODELS_DIR, QD_FIGURES_DIR   folders (default: data, models, reports/figures)
-    QUICKDRAW_BASE_URL data source: the bucket root or a mirror of its layout, URL or folder
+Settings come from StudyConfig: each field names the environment variable that overrides it and what
+it means, and `settings_table()` lists them with their defaults (the notebook's configuration cell shows it).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +22,8 @@ from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_
 from utils.io import atomic_write
 from utils.metrics import predict_logits
 from utils.models import build_model, count_parameters
-from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, resolved, score_and_save, set_seed
+from utils.report import Table
+from utils.train import RECIPES, TrainConfig, fit, pick_device, resolved, score_and_save, set_seed
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
@@ -47,55 +34,67 @@ RUNS: dict[str, dict] = {"V1": RECIPES["v1"], "V2": RECIPES["v2"], "V2-XL": RECI
                          "V2-tuned": RECIPES["v2-tuned"], "QuickDrawNet": RECIPES["qdnet"]}
 METRICS = ("top1", "top3", "map3")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-NONE_MEANS = {"max_per_class": "all", "epochs": "each run's recipe", "batch_size": "each run's recipe",
-              "threads": "torch's choice"}
+POSITIVE = ("max_per_class", "epochs", "batch_size", "threads", "workers")  # settings that must be >= 1
+
+
+def setting(default=dataclasses.MISSING, *, env: str, help: str, none: str | None = None, shown: str | None = None,
+            default_factory=dataclasses.MISSING):
+    """A StudyConfig field with the environment variable that overrides it and what it means. `none`: the word
+    that sets an optional field to None from the environment; `shown`: how None is shown."""
+    return field(default=default, default_factory=default_factory,
+                 metadata=dict(env=env, help=help, none=none, shown=shown))
 
 
 @dataclass
 class StudyConfig:
-    """Everything the notebook's run depends on; `from_env()` applies the QD_* overrides."""
-    categories: list[str] = field(default_factory=lambda: list(ORIGINAL_CATEGORIES))
+    """Everything the notebook's run depends on; `from_env()` applies the environment overrides named in
+    each field (`settings_table()` lists them)."""
+    categories: list[str] = setting(default_factory=lambda: list(ORIGINAL_CATEGORIES), env="QD_CATEGORIES",
+                                    help='comma-separated official names, e.g. "dog,alarm clock"')
     # The first 10,000 of each category keep a CPU run near an hour; "all" (None) is 100,000+ each.
-    max_per_class: int | None = 10_000  # None: every drawing of each category
-    epochs: int | None = None         # None: each run's recipe (the original study's 10)
-    batch_size: int | None = None     # None: each run's recipe (the original study's 64)
-    seed: int = 0
-    device: str = "auto"
-    models: list[str] = field(default_factory=lambda: list(RUNS))
-    data_dir: str = "data"
-    base_url: str | None = None       # None: QUICKDRAW_BASE_URL, else the official bucket
-    models_dir: str = "models"
-    figures_dir: str = "reports/figures"
-    threads: int | None = None        # None: torch's choice
-    progress: bool = True             # live progress bars; per-epoch summaries are printed either way
-    workers: int = 4
+    max_per_class: int | None = setting(10_000, env="QD_MAX_PER_CLASS", help="drawings per category",
+                                        none="all", shown="all")
+    epochs: int | None = setting(None, env="QD_EPOCHS", help="epochs for every run (the original study's: 10)",
+                                 none="recipe", shown="each run's recipe")
+    batch_size: int | None = setting(None, env="QD_BATCH_SIZE", help="batch size for every run (the original's: 64)",
+                                     none="recipe", shown="each run's recipe")
+    # The committed notebook run used seed 1.
+    seed: int = setting(1, env="QD_SEED", help="seed of the split, the initial weights and the batches")
+    device: str = setting("auto", env="QD_DEVICE", help="auto, cpu, cuda[:N] or mps, available here")
+    models: list[str] = setting(default_factory=lambda: list(RUNS), env="QD_MODELS",
+                                help="comma-separated runs to train, from RUNS")
+    data_dir: str = setting("data", env="QD_DATA_DIR", help="folder of the downloaded bitmaps")
+    base_url: str | None = setting(None, env="QUICKDRAW_BASE_URL", shown="the official bucket",
+                                   help="data source: the bucket root or a mirror of its layout, URL or folder")
+    models_dir: str = setting("models", env="QD_MODELS_DIR", help="folder of the checkpoints")
+    figures_dir: str = setting("reports/figures", env="QD_FIGURES_DIR", help="folder of the figures")
+    threads: int | None = setting(None, env="QD_THREADS", help="torch CPU threads", none="auto",
+                                  shown="torch's choice")
+    progress: bool = setting(True, env="QD_PROGRESS",
+                             help="live progress bars, 1 or 0 (0 for headless runs: a saved notebook keeps only "
+                                  "their first frame); per-epoch summaries are printed either way")
+    workers: int = setting(4, env="QD_WORKERS", help="parallel downloads")
     overrides: dict[str, str] = field(default_factory=dict, repr=False)  # field -> the variable that set it
 
     def __post_init__(self):
-        self.categories = resolve_categories(self.categories)
-        self.device = _device(self.device)  # now, not an hour into the run
-        unknown = [m for m in self.models if m not in RUNS]
-        if unknown or not self.models:
-            raise ValueError(f"unknown runs {unknown or self.models}; choose from {', '.join(RUNS)}")
-        for name in ("max_per_class", "epochs", "batch_size", "threads", "workers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for f in settings():
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name)))
 
     @classmethod
     def from_env(cls, environ=None, **defaults) -> "StudyConfig":
-        """`defaults` (fields; StudyConfig's own for the rest), overridden by whichever QD_* /
-        QUICKDRAW_BASE_URL variables are set."""
+        """`defaults` (fields; StudyConfig's own for the rest), overridden by whichever of the fields'
+        environment variables are set."""
         environ = os.environ if environ is None else environ
         values, overrides = dict(defaults), {}
-        for var, (name, parse) in ENV.items():
+        for f in settings():
+            var = f.metadata["env"]
             raw = environ.get(var, "").strip()
             if raw:
                 try:
-                    values[name] = parse(raw)
+                    values[f.name] = _checked(f.name, parse_setting(f, raw))
                 except ValueError as e:
                     raise ValueError(f"{var}={raw!r}: {e}") from None
-                overrides[name] = var
+                overrides[f.name] = var
         return cls(**values, overrides=overrides)
 
     def train_config(self, run: str) -> TrainConfig:
@@ -107,17 +106,62 @@ class StudyConfig:
     def describe(self) -> str:
         """One line per setting, saying which came from the environment."""
         lines = []
-        for f in dataclasses.fields(self):
-            if f.name == "overrides":
-                continue
+        for f in settings():
             value = getattr(self, f.name)
             note = f"   <- {self.overrides[f.name]}" if f.name in self.overrides else ""
             if f.name == "base_url" and value is None:
                 value = resolve_base_url(value)
             elif value is None:
-                value = NONE_MEANS.get(f.name, value)
+                value = f.metadata["shown"]
             lines.append(f"{f.name:>14}: {value}{note}")
         return "\n".join(lines)
+
+
+def settings() -> tuple[dataclasses.Field, ...]:
+    """StudyConfig's settings: its fields that have an environment variable."""
+    return tuple(f for f in dataclasses.fields(StudyConfig) if "env" in f.metadata)
+
+
+def settings_table() -> Table:
+    """Every setting: its environment variable, its default and what it means."""
+    rows = []
+    for f in settings():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown = f.metadata["shown"] if default is None else default
+        word = f', or "{f.metadata["none"]}"' if f.metadata["none"] else ""
+        rows.append([f.metadata["env"], f.name, str(shown), f.metadata["help"] + word])
+    return Table(["variable", "field", "default", "meaning"], rows, numbers=False)
+
+
+def parse_setting(f: dataclasses.Field, raw: str):
+    """The value of setting `f` written as `raw` in the environment, read by the field's type."""
+    kind = _HINTS[f.name]
+    if kind is bool:
+        return _flag(raw)
+    if kind in (int, int | None):
+        return _count(raw, f.metadata["none"]) if f.metadata["none"] else _int(raw)
+    if kind == list[str]:
+        return _names(raw)
+    if kind in (str, str | None):
+        return raw
+    raise TypeError(f"no parser for setting {f.name} of type {kind}")
+
+
+def _checked(name: str, value):
+    """`value` of setting `name`, checked and normalised (the same rules for fields and the environment)."""
+    if name == "categories":
+        return resolve_categories(value)
+    if name == "device":
+        return _device(value)  # now, not an hour into the run
+    if name == "models":
+        unknown = [m for m in value if m not in RUNS]
+        if unknown or not value:
+            raise ValueError(f"unknown runs {unknown or value}; choose from {', '.join(RUNS)}")
+    if name in POSITIVE and value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _names(raw: str) -> list[str]:
@@ -161,22 +205,8 @@ def _int(raw: str) -> int:
         raise ValueError("expected an integer") from None
 
 
-ENV = {
-    "QD_CATEGORIES": ("categories", lambda s: resolve_categories(_names(s))),
-    "QD_MAX_PER_CLASS": ("max_per_class", lambda s: _count(s, "all")),
-    "QD_EPOCHS": ("epochs", lambda s: _count(s, "recipe")),
-    "QD_BATCH_SIZE": ("batch_size", lambda s: _count(s, "recipe")),
-    "QD_SEED": ("seed", _int),
-    "QD_DEVICE": ("device", _device),
-    "QD_MODELS": ("models", _names),
-    "QD_THREADS": ("threads", lambda s: _count(s, "auto")),
-    "QD_PROGRESS": ("progress", _flag),
-    "QD_WORKERS": ("workers", lambda s: _count(s, "default")),
-    "QD_DATA_DIR": ("data_dir", str),
-    "QD_MODELS_DIR": ("models_dir", str),
-    "QD_FIGURES_DIR": ("figures_dir", str),
-    "QUICKDRAW_BASE_URL": ("base_url", str),
-}
+_HINTS = typing.get_type_hints(StudyConfig)
+ENV = {f.metadata["env"]: f.name for f in settings()}  # variable -> field
 
 
 def download(config: StudyConfig) -> dict[str, Fetched]:
@@ -221,10 +251,8 @@ def describe_splits(**splits: QuickDrawSet) -> str:
 
 def examples(ds: QuickDrawSet, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """One random drawing from each of the first n categories, uint8 (n, 28, 28), and their categories."""
-    g = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(ds.labels == c).flatten() for c in range(min(n, len(ds.classes)))]
-    index = torch.stack([idx[torch.randint(len(idx), (), generator=g)] for idx in picks])
-    return ds.images[index], list(ds.classes[:len(picks)])
+    index = plots.pick_per_class(ds.labels, 1, min(n, len(ds.classes)), seed)
+    return ds.images[index], list(ds.classes[:len(index)])
 
 
 def slug(run: str) -> str:
@@ -286,24 +314,6 @@ def best_result(results: list[dict], split: str = "val", metric: str = "top1") -
     return max(results, key=lambda r: r[split][metric])
 
 
-class Table:
-    """Rows of a comparison; shows as a Markdown table in Jupyter and as aligned text elsewhere."""
-
-    def __init__(self, columns: list[str], rows: list[list[str]]):
-        self.columns, self.rows = columns, rows
-
-    def __str__(self) -> str:
-        cells = [self.columns] + self.rows
-        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
-
-        def line(r):  # first column left-aligned, numbers right-aligned
-            return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-        rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-        return "\n".join([line(self.columns), rule] + [line(r) for r in self.rows])
-
-    __repr__ = _repr_markdown_ = __str__
-
-
 def history_table(history: dict) -> Table:
     """One row per epoch of a fit() history; the kept (best) epoch is marked with *."""
     rows = [[f"{e + 1}{' *' if e + 1 == history.get('best_epoch') else ''}",
@@ -360,81 +370,70 @@ def _most_confused(result: dict) -> tuple[str, str, float]:
 
 
 @dataclass
+class Gain:
+    """Run `run` against run `baseline`: test top-1 of each, the difference in points and the training
+    time as a multiple of the baseline's (NaN where either run was not trained)."""
+    run: str
+    baseline: str
+    baseline_top1: float
+    top1: float
+    points: float
+    time_ratio: float
+
+
+@dataclass
 class Findings:
-    """The study's findings and the conclusion drawn from them; shows as a Markdown list in Jupyter."""
-    items: list[str]
-    conclusion: str
+    """The study's figures, from which the notebook writes its findings."""
+    best: str                  # the run with the highest validation top-1 (chosen without the test split)
+    params: int
+    n_classes: int
+    test: dict                 # the best run's test scores: top1, top3, map3, n
+    val: dict                  # and validation scores
+    gains: dict[str, Gain]     # "V2 vs V1", "V2-XL vs V2", "V2-tuned vs V2", "QuickDrawNet vs V2", "best vs V2"
+    fastest: str               # the run with the most training images per second
+    fastest_images_per_s: float
+    hardest: str               # the best run's least accurate category
+    hardest_accuracy: float
+    confused: tuple[str, str, float]  # the best run's most frequent confusion: true, predicted, share of true
+    val_test_gap: float        # |val - test| top-1 of the best run, in points
+    budgets: dict[str, dict]   # run -> its time budget (epochs, max_epochs, minutes) and fit_minutes
+    precisions: dict[str, dict]  # run -> chosen precision and the images/s timed for each candidate
+    stops: dict[str, dict]     # run -> epochs, planned_epochs, why (a STOP_NOTES word) and best_epoch
 
-    def __str__(self) -> str:
-        return "\n".join(f"- {item}" for item in self.items) + f"\n\n{self.conclusion}"
 
-    __repr__ = _repr_markdown_ = __str__
+GAINS = (("V2", "V1"), ("V2-XL", "V2"), ("V2-tuned", "V2"), ("QuickDrawNet", "V2"))
 
 
-def _gain(by: dict[str, dict], a: str, b: str) -> tuple[float, float]:
-    """Test top-1 points run `a` gained over run `b`, and its training time as a multiple of b's."""
-    points = 100 * (by[a]["test"]["top1"] - by[b]["test"]["top1"])
-    return points, by[a]["train_seconds"] / max(by[b]["train_seconds"], 1e-9)
+def _gain(by: dict[str, dict], a: str, b: str) -> Gain:
+    if a not in by or b not in by:
+        nan = float("nan")
+        return Gain(a, b, nan, nan, nan, nan)
+    ta, tb = by[a]["test"]["top1"], by[b]["test"]["top1"]
+    return Gain(a, b, tb, ta, 100 * (ta - tb), by[a]["train_seconds"] / max(by[b]["train_seconds"], 1e-9))
 
 
 def findings(results: list[dict]) -> Findings:
-    """The study's findings, computed from the results of this run."""
+    """The study's figures, computed from the results of this run."""
     if not results:
-        return Findings([], "No run was trained.")
+        raise ValueError("no run was trained")
     by = {r["name"]: r for r in results}
     best = best_result(results)
-    n_test = best["test"]["n"]
-    out = [f"Best by validation top-1: {best['name']} ({best['params']:,} parameters): test top-1 "
-           f"{best['test']['top1']:.2%}, top-3 {best['test']['top3']:.2%}, MAP@3 {best['test']['map3']:.2%} "
-           f"on all {n_test:,} test drawings ({len(best['classes'])} categories)."]
-    for a, b, what in (("V2", "V1", "batch norm, a third conv block and dropout"),
-                       ("V2-XL", "V2", "training on rotated and flipped copies"),
-                       ("V2-tuned", "V2", "the same network, our recipe"),
-                       ("QuickDrawNet", "V2", "our residual network and recipe")):
-        if a in by and b in by:
-            points, ratio = _gain(by, a, b)
-            out.append(f"{a} vs {b} ({what}): test top-1 {by[b]['test']['top1']:.2%} -> {by[a]['test']['top1']:.2%} "
-                       f"({points:+.2f} points), {ratio:.1f}x the training time.")
-    for r in results:
-        if r.get("budget"):
-            b = r["budget"]
-            out.append(f"{r['name']}: {describe_budget(b)} (at most {b['max_epochs']}), from its speed timed early "
-                       f"in the first epoch; it trained for {r.get('fit_seconds', r['train_seconds']) / 60:.1f} min "
-                       f"with validation, its schedule run to the end.")
-        if r.get("precision", {}).get("how") == "measured":
-            rates = r["precision"]["images_per_s"]
-            out.append(f"{r['name']} trained in {r['precision']['precision']}, the fastest of "
-                       + ", ".join(f"{k} ({v:,.0f} images/s)" for k, v in rates.items()) + " as timed before training.")
-        if r.get("stopped") in STOP_NOTES:
-            out.append(f"{r['name']} stopped after {r['epochs']} of {r['planned_epochs']} epochs "
-                       f"({STOP_NOTES[r['stopped']]}); it is scored at its best epoch, {r['best_epoch']}.")
+    gains = {f"{a} vs {b}": _gain(by, a, b) for a, b in GAINS}
+    gains["best vs V2"] = _gain(by, best["name"], "V2")
     fastest = max(results, key=lambda r: r["images_per_s"])
-    out.append(f"Fastest training: {fastest['name']} at {fastest['images_per_s']:,.0f} images/s.")
-    per_class = best["per_class"]
-    worst = int(np.argmin(per_class))
-    true, pred, rate = _most_confused(best)
-    out.append(f"{best['name']}'s hardest category: {best['classes'][worst]} ({per_class[worst]:.2%} right); "
-               f"most frequent confusion: {true} taken for {pred} ({rate:.2%} of {true} drawings).")
-    gap = best["val"]["top1"] - best["test"]["top1"]
-    out.append(f"{best['name']}: validation and test top-1 differ by {100 * abs(gap):.2f} points "
-               f"({best['val']['n']:,} and {n_test:,} drawings, both held out before any augmentation).")
-    return Findings(out, _conclusion(by, best))
-
-
-def _conclusion(by: dict[str, dict], best: dict) -> str:
-    parts = []
-    if "V2-XL" in by and "V2" in by:
-        points, ratio = _gain(by, "V2-XL", "V2")
-        parts.append(f"the original study's rotated and flipped copies (V2-XL) moved V2's test top-1 by "
-                     f"{points:+.2f} points for {ratio:.1f}x its training time")
-    if "V2" in by and best["name"] not in ("V2", "V2-XL"):
-        points, ratio = _gain(by, best["name"], "V2")
-        parts.append(f"{best['name']}, the best run by validation, moved it by {points:+.2f} points "
-                     f"for {ratio:.1f}x")
-    else:
-        parts.append(f"{best['name']} is the best run by validation, at {best['test']['top1']:.2%} test top-1")
-    text = "; ".join(parts)
-    return f"**In short:** {text[0].upper()}{text[1:]}."
+    worst = int(np.argmin(best["per_class"]))
+    return Findings(
+        best=best["name"], params=best["params"], n_classes=len(best["classes"]), test=best["test"], val=best["val"],
+        gains=gains, fastest=fastest["name"], fastest_images_per_s=fastest["images_per_s"],
+        hardest=best["classes"][worst], hardest_accuracy=float(best["per_class"][worst]),
+        confused=_most_confused(best), val_test_gap=100 * abs(best["val"]["top1"] - best["test"]["top1"]),
+        budgets={r["name"]: dict(r["budget"], fit_minutes=r.get("fit_seconds", r["train_seconds"]) / 60)
+                 for r in results if r.get("budget")},
+        precisions={r["name"]: dict(chosen=r["precision"]["precision"], images_per_s=r["precision"]["images_per_s"])
+                    for r in results if r.get("precision", {}).get("how") == "measured"},
+        stops={r["name"]: dict(epochs=r["epochs"], planned_epochs=r["planned_epochs"], why=STOP_NOTES[r["stopped"]],
+                               best_epoch=r["best_epoch"]) for r in results if r.get("stopped") in STOP_NOTES},
+    )
 
 
 def save_best(best: dict, config: StudyConfig) -> Path:
