@@ -115,7 +115,7 @@ RECIPES: dict[str, dict] = {
     "v2-xl": dict(ORIGINAL_RECIPE, model="v2", augment="xl"),
     "v2-tuned": dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4),
     "resnet": dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5),
-    "qdnet": dict(OUR_RECIPE, model="qdnet", epochs=30, weight_decay=5e-4, max_minutes=14.5),
+    "qdnet": dict(OUR_RECIPE, model="qdnet", epochs=40, weight_decay=5e-4, max_minutes=14.5),
 }
 
 
