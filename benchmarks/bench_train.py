@@ -30,9 +30,9 @@ import torch
 from utils.data import load_bitmaps, split
 from utils.device import describe_machine, machine_info
 from utils.io import write_json
-from utils.models import build_model, count_parameters, flops_per_image
+from utils.models import flops_per_image
 from utils.report import markdown_table
-from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, score_and_save, set_seed
+from utils.train import RECIPES, TrainConfig, describe_budget, pick_device, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "quickdraw" / "full"
@@ -76,17 +76,12 @@ def run(name: str, train, val, test, seed: int, quick: bool, out_dir: Path, thre
                      **(dict(epochs=1, max_minutes=None) if quick else {}))
     config = TrainConfig(**dict(fields, **overrides))
     load_before = os.getloadavg()
-    set_seed(seed)
-    model = build_model(config.model, len(train.classes))
-    out = out_dir / f"{name}.pt"
-    history = fit(model, train, val, config, out=out, device=device)
-    _, scores = score_and_save(out, model, config, train.classes, history, device, val=val, test=test)
-    return dict(name=name, description=description, config=dataclasses.asdict(config), params=count_parameters(model),
-                flops_per_image=flops_per_image(model), precision=history["precision"], budget=history["budget"],
-                epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
-                train_seconds=history["train_seconds"], fit_seconds=history["fit_seconds"],
-                images_per_s=history["train_images_per_s"], loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                **scores)
+    r = train_run(config, train, val, test, out_dir / f"{name}.pt", device=device)
+    return dict(name=name, description=description, config=dataclasses.asdict(config), params=r.params,
+                flops_per_image=flops_per_image(r.model), precision=r.precision, budget=r.budget, epochs=r.epochs,
+                best_epoch=r.history["best_epoch"], stopped=r.history["stopped"], train_seconds=r.train_seconds,
+                fit_seconds=r.fit_seconds, images_per_s=r.images_per_s, loadavg_before=load_before,
+                loadavg_after=os.getloadavg(), **r.metrics)
 
 
 def epochs_cell(r: dict) -> str:

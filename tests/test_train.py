@@ -66,6 +66,27 @@ def test_dry_run_checkpoint_and_history_restore_the_best_model(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_train_run_seeds_fits_scores_and_saves_what_load_checkpoint_gives(tmp_path):
+    config = TrainConfig(model="v1", epochs=2, batch_size=32, seed=3, channels_last=True, **QUIET)
+    torch.manual_seed(99)  # whatever the caller's random state: train_run seeds from config.seed
+    first = train_module.train_run(config, TRAIN, VAL, TRAIN, tmp_path / "a.pt")
+    torch.manual_seed(7)
+    again = train_module.train_run(config, TRAIN, VAL, TRAIN, tmp_path / "b.pt")
+    assert first.history["train_loss"] == again.history["train_loss"]
+    assert first.history["val_loss"] == again.history["val_loss"]
+    assert first.config is config and first.epochs == 2 and first.checkpoint == tmp_path / "a.pt"
+    assert first.trained_config.channels_last is True and first.precision["how"] == "forced"
+    assert first.params == sum(p.numel() for p in build_model("v1", 2).parameters())
+    assert first.metrics["val"]["n"] == len(VAL) and first.metrics["test"]["n"] == len(TRAIN)
+    assert first.scores["val"]["top1"] == first.history["val_acc"][first.history["best_epoch"] - 1]
+    loaded, ckpt = load_checkpoint(first.checkpoint)
+    assert ckpt["metrics"] == first.metrics and ckpt["config"] == dataclasses.asdict(first.trained_config)
+    assert all(p.is_contiguous() for p in first.model.parameters())  # NCHW, as loaded, though trained channels-last
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][name]), name
+    assert train_module.score_split(loaded, VAL, torch.device("cpu"))["confusion"] == first.scores["val"]["confusion"]
+
+
 def test_early_stopping_after_patience_epochs_without_a_lower_val_loss(tmp_path, monkeypatch):
     val_losses = iter([1.0, 0.8, 0.9, 0.85, 0.81, 0.5, 0.4])
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (next(val_losses), 0.5))

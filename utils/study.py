@@ -21,9 +21,8 @@ from utils.categories import resolve_categories
 from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_url
 from utils.io import atomic_write
 from utils.metrics import predict_logits
-from utils.models import build_model, count_parameters
 from utils.report import Table
-from utils.train import RECIPES, TrainConfig, fit, pick_device, resolved, score_and_save, set_seed
+from utils.train import RECIPES, TrainConfig, pick_device, train_run
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
@@ -262,24 +261,20 @@ def slug(run: str) -> str:
 
 def train_and_evaluate(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet,
                        config: StudyConfig) -> dict:
-    """Train run `name` (see RUNS) with utils.train.fit, then score its best epoch on the whole validation
-    and test splits. The checkpoint, with those scores, is <models_dir>/<slug>.pt."""
+    """Train run `name` (see RUNS) with utils.train.train_run: fit, then its best epoch scored on the whole
+    validation and test splits. The checkpoint, with those scores, is <models_dir>/<slug>.pt."""
     tc = config.train_config(name)
     device = pick_device(tc.device)
-    set_seed(config.seed)  # the same initial weights for every rerun
-    model = build_model(tc.model, len(train.classes))
-    out = Path(config.models_dir) / f"{slug(name)}.pt"
-    history = fit(model, train, val, tc, out=out, device=device)  # returns with the best epoch's weights loaded
-    scores, metrics = score_and_save(out, model, tc, train.classes, history, device=device, val=val, test=test)
+    run = train_run(tc, train, val, test, Path(config.models_dir) / f"{slug(name)}.pt", device=device)
+    history = run.history
     return dict(
-        name=name, model_name=tc.model, recipe=dataclasses.asdict(resolved(tc, history)), params=count_parameters(model),
-        train_seconds=history["train_seconds"], fit_seconds=history["fit_seconds"],
-        images_per_s=history["train_images_per_s"], precision=history["precision"], budget=history["budget"],
-        epochs=len(history["train_loss"]), planned_epochs=tc.epochs, stopped=history["stopped"],
-        best_epoch=history.get("best_epoch"), history=history,
-        checkpoint=str(out), classes=list(train.classes), **metrics,
-        per_class=scores["test"]["per_class"], confusion=scores["test"]["confusion"],
-        test_pred=predict_logits(model, test.images, device=device).argmax(1).tolist(),
+        name=name, model_name=tc.model, recipe=dataclasses.asdict(run.trained_config), params=run.params,
+        train_seconds=run.train_seconds, fit_seconds=run.fit_seconds, images_per_s=run.images_per_s,
+        precision=run.precision, budget=run.budget, epochs=run.epochs, planned_epochs=tc.epochs,
+        stopped=history["stopped"], best_epoch=history.get("best_epoch"), history=history,
+        checkpoint=str(run.checkpoint), classes=list(train.classes), **run.metrics,
+        per_class=run.scores["test"]["per_class"], confusion=run.scores["test"]["confusion"],
+        test_pred=predict_logits(run.model, test.images, device=device).argmax(1).tolist(),
     )
 
 

@@ -695,8 +695,15 @@ def _save_progress(out, model, best_state, classes, config, history, optimizer, 
     write_json(history_path(out), history, indent=1)
 
 
+# ------------------------------------------------------------------------- one run: seed, build, fit, score
 
-# --------------------------------------------------------------------------------------------- command line
+SUMMARY = ("top1", "top3", "top5", "map3", "n")  # the scores a checkpoint stores for each split
+
+
+def summary(scores: dict[str, dict]) -> dict[str, dict]:
+    """{split: the SUMMARY of its scores}: what a checkpoint's "metrics" hold."""
+    return {name: {k: s[k] for k in SUMMARY} for name, s in scores.items()}
+
 
 def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str], history: dict,
                    device: torch.device | None = None, group: distributed.Group | None = None,
@@ -710,11 +717,89 @@ def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str
     model.to(group.device)
     scores = {name: score_split(model, part, group.device, config.eval_batch_size, group=group)
               for name, part in splits.items()}
-    metrics = {name: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for name, s in scores.items()}
+    metrics = summary(scores)
     if group.main:
         save_checkpoint(out, model, config.model, classes, config, history, metrics=metrics)
     return scores, metrics
 
+
+@dataclass(frozen=True)
+class RunResult:
+    """What train_run did: the settings it was given, fit's history, every score of each split (score_split's),
+    the checkpoint written and the model it holds (the best epoch, NCHW, on the device it trained on)."""
+    config: TrainConfig
+    history: dict
+    scores: dict[str, dict]
+    checkpoint: Path
+    model: nn.Module
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        """{split: top1, top3, top5, map3, n}, as the checkpoint stores them."""
+        return summary(self.scores)
+
+    @property
+    def trained_config(self) -> TrainConfig:
+        """config with "auto" replaced by the precision and memory format the run chose."""
+        return resolved(self.config, self.history)
+
+    @property
+    def precision(self) -> dict:
+        """The precision decision (choose_precision): chosen, how, and the rates timed."""
+        return self.history["precision"]
+
+    @property
+    def budget(self) -> dict | None:
+        """The time budget's plan (epochs, max_epochs, minutes, ...), None without max_minutes."""
+        return self.history["budget"]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history["train_loss"])
+
+    @property
+    def params(self) -> int:
+        return count_parameters(self.model)
+
+    @property
+    def train_seconds(self) -> float:
+        """Time spent in training steps (validation excluded)."""
+        return self.history["train_seconds"]
+
+    @property
+    def fit_seconds(self) -> float:
+        """The whole fit: training, validation, checkpoints."""
+        return self.history["fit_seconds"]
+
+    @property
+    def images_per_s(self) -> float:
+        """Training images per second of training time."""
+        return self.history["train_images_per_s"]
+
+
+def train_run(config: TrainConfig, train: QuickDrawSet | PackedSplit, val: QuickDrawSet | PackedSplit,
+              test: QuickDrawSet | PackedSplit, out: str | Path, *, device: torch.device | None = None,
+              group: distributed.Group | None = None, resume: bool = False, source: dict | None = None) -> RunResult:
+    """One training run from a seeded start: set_seed(config.seed), build config.model for train.classes, fit
+    (checkpoints at `out`), then score the best epoch on the whole val and test splits on the device it trained
+    on and re-save the checkpoint `out` with those scores.
+
+    device: where to train and score (default: pick_device(config.device)); under torchrun give the group
+    (utils.distributed.init()) instead. resume and source are fit's.
+    """
+    group = group or distributed.Group(device=device or pick_device(config.device))
+    set_seed(config.seed)  # the same initial weights for every rerun
+    model = build_model(config.model, len(train.classes))
+    history = fit(model, train, val, config, out=out, resume=resume, group=group, source=source)
+    # fit returns with the best epoch's weights: a fresh model holds them as load_checkpoint(out) would
+    best = build_model(config.model, len(train.classes))
+    best.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    scores, _ = score_and_save(out, best, config, train.classes, history, group=group, val=val, test=test)
+    distributed.barrier(group)
+    return RunResult(config, history, scores, Path(out), best)
+
+
+# --------------------------------------------------------------------------------------------- command line
 
 def _categories(values: list[str]) -> list[str]:
     """Names as separate arguments or comma-separated (no official name has a comma)."""
@@ -765,14 +850,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tuple, list[str], dict]:
-    """((train, val, test), class names, where they came from): a pack's splits, or bitmaps (downloaded by one
-    process per machine) loaded and split in memory."""
+def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tuple, dict]:
+    """((train, val, test), where they came from): a pack's splits, or bitmaps (downloaded by one process per
+    machine) loaded and split in memory."""
     if args.packed:
         pack = PackedSet.open(args.packed)
         source = dict(packed=str(Path(args.packed).resolve()), seed=pack.manifest["seed"],
                       manifest_sha256=hashlib.sha256((pack.path / "manifest.json").read_bytes()).hexdigest())
-        return (pack.train, pack.val, pack.test), pack.classes, source
+        return (pack.train, pack.val, pack.test), source
     categories = resolve_categories(_categories(args.categories))
     if group.local_rank == 0:
         download_bitmaps(categories, root=args.data, max_per_class=args.max_per_class, base_url=args.base_url,
@@ -781,7 +866,7 @@ def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tupl
     split_seed = config.seed if args.split_seed is None else args.split_seed
     ds = load_bitmaps(categories, root=args.data, max_per_class=args.max_per_class)
     source = dict(categories=categories, max_per_class=args.max_per_class, split_seed=split_seed)
-    return split(ds, seed=split_seed), categories, source
+    return split(ds, seed=split_seed), source
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -791,23 +876,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or f"models/{config.model}.pt")
     group = distributed.init(pick_device(config.device))
     try:
-        (train, val, test), categories, source = load_data(args, config, group)
+        (train, val, test), source = load_data(args, config, group)
         # torchrun --max-restarts starts every rank again after one failed: carry on from the last epoch saved.
         resume = args.resume or (distributed.restarted() and last_path(out).is_file())
-        set_seed(config.seed)
-        model = build_model(config.model, len(categories))
-        history = fit(model, train, val, config, out=out, resume=resume, group=group, source=source)
-        # fit returns with the best epoch's weights: a fresh model holds them as load_checkpoint(out) would
-        best = build_model(config.model, len(categories))
-        best.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
-        _, metrics = score_and_save(out, best, config, categories, history, group=group, val=val, test=test)
-        distributed.barrier(group)
+        run = train_run(config, train, val, test, out, group=group, resume=resume, source=source)
     finally:
         distributed.teardown()
-    return dict(model=config.model, params=count_parameters(model), checkpoint=str(out), **metrics,
-                train_images_per_s=history["train_images_per_s"], train_seconds=history["train_seconds"],
-                epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
-                precision=history["precision"], budget=history["budget"], data=source,
+    history = run.history
+    return dict(model=config.model, params=run.params, checkpoint=str(out), **run.metrics,
+                train_images_per_s=run.images_per_s, train_seconds=run.train_seconds,
+                epochs=run.epochs, best_epoch=history["best_epoch"], stopped=history["stopped"],
+                precision=run.precision, budget=run.budget, data=source,
                 distributed=dict(history.get("distributed") or {}, rank=group.rank, resumed=resume),
                 sizes=dict(train=len(train), val=len(val), test=len(test)), loadavg=os.getloadavg())
 
