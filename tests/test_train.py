@@ -389,7 +389,7 @@ def test_cli_reports_an_unknown_category(tmp_path):
 def test_recipe_flag_sets_defaults_and_explicit_flags_win():
     from utils.train import RECIPES, parse_args
     args = parse_args(["--recipe", "v2-tuned", "--categories", "cat", "--epochs", "3"])
-    recipe = RECIPES["v2-tuned"]
+    recipe = RECIPES["v2-tuned"].settings
     assert (args.model, args.batch_size, args.schedule, args.augment) == (
         recipe["model"], recipe["batch_size"], recipe["schedule"], recipe["augment"])
     assert args.epochs == 3 != recipe["epochs"]
@@ -398,6 +398,30 @@ def test_recipe_flag_sets_defaults_and_explicit_flags_win():
     assert parse_args(["--recipe", "v2-tuned", "--categories", "cat", "--no-bf16"]).bf16 is False
     assert parse_args(["--recipe", "v2", "--categories", "cat"]).bf16 is False  # the original recipe: fp32
     assert parse_args(["--categories", "cat", "--channels-last"]).channels_last is True
+
+
+def test_recipes_have_one_name_label_and_file_stem_each_and_fixed_settings():
+    from utils.train import RECIPES, Recipe, by_name, parse_args
+    recipes = list(RECIPES.values())
+    assert [r.name for r in recipes] == list(RECIPES)
+    assert len({r.label for r in recipes}) == len({r.stem for r in recipes}) == len(recipes)  # no file clashes
+    assert all(r.about and "\n" not in r.about for r in recipes)
+    tuned, fp32 = RECIPES["v2-tuned"], RECIPES["v2-tuned-fp32"]
+    assert fp32.settings.keys() == tuned.settings.keys()
+    assert {k: v for k, v in fp32.settings.items() if v != tuned.settings[k]} == dict(bf16=False, channels_last=False)
+    assert tuned.config(epochs=2, seed=5) == dataclasses.replace(TrainConfig(**tuned.settings), epochs=2, seed=5)
+    assert RECIPES["qdnet"].stem == "quickdrawnet" and RECIPES["v2-xl"].stem == "v2-xl"
+    with pytest.raises(TypeError):
+        tuned.settings["epochs"] = 1  # read-only: a run cannot change the recipe of the next
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tuned.label = "V2-fast"
+    with pytest.raises(TypeError, match="epoch"):
+        Recipe("v9", "V9", "a misspelt field", dict(model="v2", epoch=3))
+    with pytest.raises(ValueError, match="unknown model 'v9'"):
+        Recipe("v9", "V9", "an unknown model", dict(model="v9"))
+    with pytest.raises(ValueError, match="recipe names repeat"):
+        by_name(tuned, fp32, tuned)
+    assert parse_args(["--recipe", "v2-tuned-fp32", "--categories", "cat"]).bf16 is False
 
 
 def test_time_candidates_reports_each_rate_and_drops_the_hopeless(monkeypatch):

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -95,28 +97,78 @@ class TrainConfig:
             raise ValueError(f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, {self.lr})")
 
 
-# Named recipes: TrainConfig fields. The original study's: Adam at 1e-3, batches of 64, all 10 epochs,
-# float32 and NCHW. Ours: a fresh random turn, flip, zoom and shift per batch, one-cycle AdamW, label
-# smoothing, large batches; precision and memory format chosen by timing ("auto"), since bfloat16 is
-# several times faster than float32 on CPUs with AMX/AVX512-BF16 and several times slower on the rest.
-# They were developed on the seed-0 split, whose test scores were seen before the epoch counts of
-# v2-tuned and resnet were raised; seed 1 (the same drawings split afresh) checked them once fixed.
-# One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split plus its
-# rotated and flipped copies (augment="xl", made after the split). A max_minutes budget sizes the
-# schedule: as many of `epochs` as fit, measured early in the first epoch.
+# Named recipes (RECIPES): the TrainConfig fields each sets, with its label and a line about it. The original
+# study's: Adam at 1e-3, batches of 64, all 10 epochs, float32 and NCHW. Ours: a fresh random turn, flip, zoom
+# and shift per batch, one-cycle AdamW, label smoothing, large batches; precision and memory format chosen by
+# timing ("auto"), since bfloat16 is several times faster than float32 on CPUs with AMX/AVX512-BF16 and several
+# times slower on the rest. They were developed on the seed-0 split, whose test scores were seen before the
+# epoch counts of v2-tuned and resnet were raised; seed 1 (the same drawings split afresh) checked them once
+# fixed. One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split plus its
+# rotated and flipped copies (augment="xl", made after the split). A max_minutes budget sizes the schedule: as
+# many of `epochs` as fit, measured early in the first epoch.
 ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None, bf16=False,
                        channels_last=False)
 OUR_RECIPE = dict(batch_size=256, optimizer="adamw", lr=3e-3, schedule="onecycle", label_smoothing=0.1,
                   augment="online", aug_degrees=15.0, aug_hflip=0.5, aug_scale=0.1, aug_shift=0.05,
                   bf16="auto", channels_last="auto", patience=None)
-RECIPES: dict[str, dict] = {
-    "v1": dict(ORIGINAL_RECIPE, model="v1"),
-    "v2": dict(ORIGINAL_RECIPE, model="v2"),
-    "v2-xl": dict(ORIGINAL_RECIPE, model="v2", augment="xl"),
-    "v2-tuned": dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4),
-    "resnet": dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5),
-    "qdnet": dict(OUR_RECIPE, model="qdnet", epochs=30, weight_decay=5e-4, max_minutes=14.5),
-}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe. name: what --recipe, benchmarks/bench_train.py --runs and their files call it; label:
+    how the notebook's tables and figures show it; about: one line saying what it is; settings: the
+    TrainConfig fields it sets (read-only; the rest keep their defaults)."""
+    name: str
+    label: str
+    about: str
+    settings: Mapping[str, Any]
+
+    def __post_init__(self):
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        TrainConfig(**self.settings)  # an unknown field or value fails here, not when a run starts
+
+    @property
+    def stem(self) -> str:
+        """The label as a file name (the notebook's checkpoints and figures): "V2-XL" -> "v2-xl"."""
+        return self.label.lower().replace(" ", "-")
+
+    def config(self, **overrides) -> TrainConfig:
+        """The recipe's TrainConfig, with `overrides` (TrainConfig fields) on top."""
+        return TrainConfig(**{**self.settings, **overrides})
+
+    def variant(self, name: str, label: str, about: str, **changes) -> Recipe:
+        """This recipe with `changes` to its settings, under another name."""
+        return Recipe(name, label, about, {**self.settings, **changes})
+
+
+def by_name(*recipes: Recipe) -> dict[str, Recipe]:
+    """{name: recipe}, in the order given; a name given twice is an error."""
+    named = {recipe.name: recipe for recipe in recipes}
+    if len(named) != len(recipes):
+        raise ValueError(f"recipe names repeat: {[recipe.name for recipe in recipes]}")
+    return named
+
+
+RECIPES: dict[str, Recipe] = by_name(
+    Recipe("v1", "V1", "V1, the original recipe: Adam 1e-3, batch 64, 10 epochs, no augmentation, fp32",
+           dict(ORIGINAL_RECIPE, model="v1")),
+    Recipe("v2", "V2", "V2, the original recipe",
+           dict(ORIGINAL_RECIPE, model="v2")),
+    Recipe("v2-xl", "V2-XL", "V2-XL: V2, the original recipe, on the training split plus its rotated and "
+           "flipped copies",
+           dict(ORIGINAL_RECIPE, model="v2", augment="xl")),
+    (_tuned := Recipe("v2-tuned", "V2-tuned", "V2, our recipe: online turns/flips/zooms/shifts, AdamW one-cycle, "
+                      "label smoothing 0.1, batch 256, precision and memory format timed",
+                      dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4))),
+    # What the precision choice alone brings to v2-tuned's speed: the same run in float32, NCHW.
+    _tuned.variant("v2-tuned-fp32", "V2-tuned fp32", "v2-tuned forced to float32 and NCHW, all else the same",
+                   bf16=False, channels_last=False),
+    Recipe("resnet", "ResNet", "QuickDrawResNet with the same kind of recipe, schedule sized to 14.5 min",
+           dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5)),
+    Recipe("qdnet", "QuickDrawNet", "QuickDrawNet (ours, built for float32 FLOPs) with the same kind of recipe, "
+           "schedule sized to 14.5 min",
+           dict(OUR_RECIPE, model="qdnet", epochs=30, weight_decay=5e-4, max_minutes=14.5)),
+)
 
 
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
@@ -838,7 +890,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument(flag, type=kind, default=default)
     recipe = p.parse_known_args(argv)[0].recipe
     if recipe:
-        p.set_defaults(**RECIPES[recipe])
+        p.set_defaults(**RECIPES[recipe].settings)
     args = p.parse_args(argv)
     if bool(args.categories) == bool(args.packed):
         p.error("give --categories (bitmaps, loaded into memory) or --packed (a pack, streamed), not both")
