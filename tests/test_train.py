@@ -424,6 +424,59 @@ def test_recipes_have_one_name_label_and_file_stem_each_and_fixed_settings():
     assert parse_args(["--recipe", "v2-tuned-fp32", "--categories", "cat"]).bf16 is False
 
 
+# A value of every TrainConfig field, none of them its default (a new field needs one here).
+CLI_VALUES = dict(model="v1", epochs=7, batch_size=48, lr=0.025, lr_batch=512, optimizer="sgd", momentum=0.8,
+                  weight_decay=0.01, schedule="cosine", label_smoothing=0.05, augment="online", aug_degrees=10.0,
+                  aug_hflip=0.25, aug_vflip=0.125, aug_scale=0.2, aug_shift=0.1, patience=5, seed=11, device="cpu",
+                  channels_last=True, bf16=False, num_threads=3, max_minutes=2.5, eval_batch_size=256, dry_run=True,
+                  progress=False)
+
+
+def as_flags(name: str, value) -> list[str]:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return [f"--{flag}" if value else f"--no-{flag}"]
+    return [f"--{flag}", str(value)]
+
+
+def test_every_train_config_field_round_trips_through_the_cli_with_its_type():
+    from utils.train import parse_args
+    assert list(CLI_VALUES) == [f.name for f in dataclasses.fields(TrainConfig)]
+    unset = parse_args(["--categories", "cat"])
+    for f in dataclasses.fields(TrainConfig):  # bf16 and channels_last: "auto" (timed) unless a flag is given
+        assert getattr(unset, f.name) == ("auto" if f.name in ("bf16", "channels_last") else f.default), f.name
+    args = parse_args(["--categories", "cat"] + [a for k, v in CLI_VALUES.items() for a in as_flags(k, v)])
+    for name, value in CLI_VALUES.items():
+        assert getattr(args, name) == value != getattr(unset, name), name
+        assert type(getattr(args, name)) is type(value), name  # e.g. --lr-batch an int, --max-minutes a float
+    assert TrainConfig(**{k: getattr(args, k) for k in CLI_VALUES}) == TrainConfig(**CLI_VALUES)
+    given = parse_args(["--categories", "cat", "--lr", "1", "--max-minutes", "2", "--patience", "0", "--bf16"])
+    assert (given.lr, given.max_minutes, given.patience, given.bf16) == (1.0, 2.0, 0, True)
+    assert type(given.lr) is type(given.max_minutes) is float and type(given.patience) is int
+
+
+def test_flag_kinds_unwrap_optional_and_read_literal_choices():
+    from typing import Literal, Optional
+    from utils.train import _flag_kinds
+    assert _flag_kinds(int | None) == _flag_kinds(Optional[int]) == ([int], ())
+    assert _flag_kinds(float) == ([float], ())
+    assert _flag_kinds(Literal["a", "b"]) == ([], ("a", "b"))
+    assert _flag_kinds(bool | Literal["auto"]) == ([bool], ("auto",))
+
+
+@pytest.mark.parametrize("flags, named", [(["--num-threads", "1.5"], "--num-threads"),
+                                          (["--lr-batch", "many"], "--lr-batch"),
+                                          (["--max-minutes", "soon"], "--max-minutes"),
+                                          (["--augment", "rotate"], "--augment"),
+                                          (["--schedule", "step"], "--schedule"),
+                                          (["--bf16", "yes"], "unrecognized arguments")])
+def test_a_flag_of_the_wrong_type_is_refused_by_name(flags, named, capsys):
+    from utils.train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--categories", "cat", *flags])
+    assert named in capsys.readouterr().err
+
+
 def test_time_candidates_reports_each_rate_and_drops_the_hopeless(monkeypatch):
     clock, calls = FakeClock(tick=0.0), {"fast": 0, "slow": 0, "hopeless": 0}
     cost = {"fast": 0.01, "slow": 0.02, "hopeless": 0.5}  # seconds per step of 32 images

@@ -18,11 +18,13 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +46,11 @@ from utils.metrics import predict_logits
 from utils.models import MODELS, build_model, count_parameters
 from utils.pack import PackedSet, PackedSplit, device_batches, shard
 
-AUGMENTS = ("none", "xl", "online")
+Augment = Literal["none", "xl", "online"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+Schedule = Literal["none", "onecycle", "cosine"]
+AUGMENTS, OPTIMIZERS, SCHEDULES = typing.get_args(Augment), typing.get_args(Optimizer), typing.get_args(Schedule)
 POSTFIX_SECONDS = 0.5  # how often the progress bar's loss and accuracy are refreshed
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "onecycle", "cosine")
 
 
 @dataclass
@@ -60,12 +63,12 @@ class TrainConfig:
     # The global batch is batch_size (per rank) x the number of ranks; the rate is scaled from lr_batch to it:
     # linearly for sgd, by the square root for adam/adamw. None: lr_batch = batch_size (one process: no change).
     lr_batch: int | None = None
-    optimizer: str = "adam"          # adam | adamw | sgd (with Nesterov momentum)
+    optimizer: Optimizer = "adam"    # adam | adamw | sgd (with Nesterov momentum)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.0
-    schedule: str = "none"           # none | onecycle | cosine (both stepped every batch)
+    schedule: Schedule = "none"      # none | onecycle | cosine (both stepped every batch)
     label_smoothing: float = 0.0
-    augment: str = "none"            # none | xl (materialized copies of the train split) | online (RandomAugment)
+    augment: Augment = "none"        # none | xl (materialized copies of the train split) | online (RandomAugment)
     aug_degrees: float = 15.0        # online: uniform turn in [-d, d]
     aug_hflip: float = 0.5           # online: probability of a left-right mirror
     aug_vflip: float = 0.0           # online: probability of a top-bottom mirror
@@ -75,8 +78,8 @@ class TrainConfig:
     seed: int = 0                    # batch order and online augmentation (weights: set_seed before building)
     device: str = "auto"
     # "auto": timed before training (choose_precision), the fastest kept; True/False force a choice.
-    channels_last: bool | str = False  # NHWC activations (often faster convolutions on CPU)
-    bf16: bool | str = False         # low-precision autocast: bfloat16 (CPU, GPUs that have it), else float16 on CUDA
+    channels_last: bool | Literal["auto"] = False  # NHWC activations (often faster convolutions on CPU)
+    bf16: bool | Literal["auto"] = False  # low-precision autocast: bfloat16 (CPU, GPUs with it), else float16 on CUDA
     num_threads: int | None = None   # torch intra-op threads during the fit; None: torch's choice
     max_minutes: float | None = None  # wall-clock budget for the whole fit: sizes the schedule (at most `epochs`)
     eval_batch_size: int = 1024
@@ -858,6 +861,15 @@ def _categories(values: list[str]) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
+def _flag_kinds(hint) -> tuple[list, tuple]:
+    """(the types, the Literal values) of a TrainConfig annotation: `int | None` -> ([int], ()),
+    `Literal["a", "b"]` -> ([], ("a", "b")), `bool | Literal["auto"]` -> ([bool], ("auto",))."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    members = [h for h in (typing.get_args(hint) if union else (hint,)) if h is not type(None)]
+    literal = [h for h in members if typing.get_origin(h) is Literal]
+    return [h for h in members if h not in literal], tuple(v for h in literal for v in typing.get_args(h))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m utils.train", description=__doc__.split("\n\n")[0])
@@ -872,22 +884,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 split (default: --seed)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="start from a named recipe (utils.train.RECIPES); flags given as well override it")
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model",):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        if f.name in ("bf16", "channels_last"):  # neither flag: "auto", timed before training
+        kinds, choices = _flag_kinds(hints[f.name])
+        if bool in kinds and "auto" in choices:  # neither flag: "auto", timed before training
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default="auto",
                            help="force on or off (default: auto, the faster of the two as timed before training)")
-        elif isinstance(default, bool):
+        elif bool in kinds:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name in ("augment", "optimizer", "schedule"):
-            p.add_argument(flag, default=default, choices={"augment": AUGMENTS, "optimizer": OPTIMIZERS,
-                                                           "schedule": SCHEDULES}[f.name])
+        elif choices:
+            p.add_argument(flag, default=default, choices=choices)
+        elif len(kinds) == 1:
+            p.add_argument(flag, type=kinds[0], default=default)
         else:
-            kind = {"patience": int, "num_threads": int, "max_minutes": float, "lr_batch": int}.get(f.name, type(default))
-            p.add_argument(flag, type=kind, default=default)
+            raise TypeError(f"TrainConfig.{f.name}: no command-line flag for a field of type {hints[f.name]}")
     recipe = p.parse_known_args(argv)[0].recipe
     if recipe:
         p.set_defaults(**RECIPES[recipe].settings)
