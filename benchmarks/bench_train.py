@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -30,27 +29,12 @@ import torch
 from utils.data import load_bitmaps, split
 from utils.device import describe_machine, machine_info
 from utils.io import write_json
-from utils.models import build_model, count_parameters, flops_per_image
+from utils.models import flops_per_image
 from utils.report import markdown_table
-from utils.train import RECIPES, TrainConfig, describe_budget, fit, pick_device, score_and_save, set_seed
+from utils.train import RECIPES, describe_budget, pick_device, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "quickdraw" / "full"
-# name -> (what it is, TrainConfig fields from utils.train.RECIPES)
-RUNS: dict[str, tuple[str, dict]] = {
-    "v1": ("V1, the original recipe: Adam 1e-3, batch 64, 10 epochs, no augmentation, fp32", RECIPES["v1"]),
-    "v2": ("V2, the original recipe", RECIPES["v2"]),
-    "v2-xl": ("V2-XL: V2, the original recipe, on the training split plus its rotated and flipped copies",
-              RECIPES["v2-xl"]),
-    "v2-tuned": ("V2, our recipe: online turns/flips/zooms/shifts, AdamW one-cycle, label smoothing 0.1, batch 256, "
-                 "precision and memory format timed", RECIPES["v2-tuned"]),
-    # What the precision choice alone brings to v2-tuned's speed: the same run in float32, NCHW.
-    "v2-tuned-fp32": ("v2-tuned forced to float32 and NCHW, all else the same",
-                      dict(RECIPES["v2-tuned"], bf16=False, channels_last=False)),
-    "resnet": ("QuickDrawResNet with the same kind of recipe, schedule sized to 14.5 min", RECIPES["resnet"]),
-    "qdnet": ("QuickDrawNet (ours, built for float32 FLOPs) with the same kind of recipe, schedule sized to 14.5 min",
-              RECIPES["qdnet"]),
-}
 SPLITS = ("val", "test")
 SCORES = ("top1", "top3", "map3")
 # CPU configurations: the environment each one's process runs in.
@@ -69,24 +53,17 @@ def load(max_per_class: int | None, seed: int):
 
 def run(name: str, train, val, test, seed: int, quick: bool, out_dir: Path, threads: int | None,
         device: torch.device) -> dict:
-    """Train one run from a seeded start and score its best epoch on the whole val and test splits, on the
-    device it trained on."""
-    description, fields = RUNS[name]
-    overrides = dict(seed=seed, progress=sys.stderr.isatty(), num_threads=threads, device=str(device),
-                     **(dict(epochs=1, max_minutes=None) if quick else {}))
-    config = TrainConfig(**dict(fields, **overrides))
+    """Train recipe `name` (utils.train.RECIPES) from a seeded start and score its best epoch on the whole val
+    and test splits, on the device it trained on."""
+    config = RECIPES[name].config(seed=seed, progress=sys.stderr.isatty(), num_threads=threads, device=str(device),
+                                  **(dict(epochs=1, max_minutes=None) if quick else {}))
     load_before = os.getloadavg()
-    set_seed(seed)
-    model = build_model(config.model, len(train.classes))
-    out = out_dir / f"{name}.pt"
-    history = fit(model, train, val, config, out=out, device=device)
-    _, scores = score_and_save(out, model, config, train.classes, history, device, val=val, test=test)
-    return dict(name=name, description=description, config=dataclasses.asdict(config), params=count_parameters(model),
-                flops_per_image=flops_per_image(model), precision=history["precision"], budget=history["budget"],
-                epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
-                train_seconds=history["train_seconds"], fit_seconds=history["fit_seconds"],
-                images_per_s=history["train_images_per_s"], loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                **scores)
+    r = train_run(config, train, val, test, out_dir / f"{name}.pt", device=device)
+    return dict(name=name, description=RECIPES[name].about, config=dataclasses.asdict(config), params=r.params,
+                flops_per_image=flops_per_image(r.model), precision=r.precision, budget=r.budget, epochs=r.epochs,
+                best_epoch=r.history["best_epoch"], stopped=r.history["stopped"], train_seconds=r.train_seconds,
+                fit_seconds=r.fit_seconds, images_per_s=r.images_per_s, loadavg_before=load_before,
+                loadavg_after=os.getloadavg(), **r.metrics)
 
 
 def epochs_cell(r: dict) -> str:
@@ -154,7 +131,8 @@ def run_in_child(cpu: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated runs from {', '.join(RUNS)}")
+    p.add_argument("--runs", default=",".join(RECIPES),
+                   help=f"comma-separated recipes (utils.train.RECIPES) from {', '.join(RECIPES)}")
     p.add_argument("--cpus", default="native", help=f"comma-separated CPU configurations from {', '.join(CPUS)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 drawings a class and 1 epoch per run")
     p.add_argument("--seed", type=int, default=0, help="split, weights and batch order (0: the development split)")
@@ -168,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     cpus = [c.strip() for c in args.cpus.split(",") if c.strip()]
-    unknown = [n for n in names if n not in RUNS] + [c for c in cpus if c not in CPUS]
+    unknown = [n for n in names if n not in RECIPES] + [c for c in cpus if c not in CPUS]
     if unknown or not names or not cpus:
-        p.error(f"unknown or no runs/CPU configurations {unknown}; choose runs from {', '.join(RUNS)} and "
+        p.error(f"unknown or no runs/CPU configurations {unknown}; choose runs from {', '.join(RECIPES)} and "
                 f"configurations from {', '.join(CPUS)}")
     if len(cpus) > 1 or not in_configuration(cpus[0]):
         if args.json and len(cpus) > 1:
@@ -195,7 +173,7 @@ def bench(args, names: list[str], cpu: str) -> int:
     models_dir = Path(args.models_dir) / cpu
     path = args.json or (None if args.quick else report_path(args.seed, cpu))
     for name in names:
-        print(f"\n{name}: {RUNS[name][0]}", flush=True)
+        print(f"\n{name}: {RECIPES[name].about}", flush=True)
         r = run(name, train, val, test, args.seed, args.quick, models_dir, args.threads, device)
         results.append(r)
         budget = describe_budget(r["budget"])

@@ -15,10 +15,8 @@ import numpy as np
 
 from app.inputs import MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, ink_length
 from utils.data import load_bitmaps, split
-from utils.models import build_model
 from utils.strokes import read_ndjson
-from utils.checkpoint import save_checkpoint
-from utils.train import TrainConfig, fit
+from utils.train import TrainConfig, train_run
 
 
 def bitmap_categories(full: Path) -> list[str]:
@@ -27,14 +25,11 @@ def bitmap_categories(full: Path) -> list[str]:
 
 
 def train_bitmap_model(full: Path, out: Path, epochs: int, max_per_class: int | None, threads: int = 1) -> dict:
-    """V2 trained on the first max_per_class bitmaps of every category under full/, saved to out; its history."""
-    names = bitmap_categories(full)
-    train, val, _ = split(load_bitmaps(names, root=full, max_per_class=max_per_class))
+    """V2 trained on the first max_per_class bitmaps of every category under full/ (split seed 0), scored and
+    saved to out by utils.train.train_run; its history."""
+    train, val, test = split(load_bitmaps(bitmap_categories(full), root=full, max_per_class=max_per_class))
     config = TrainConfig(model="v2", epochs=epochs, seed=0, device="cpu", num_threads=threads, progress=False)
-    model = build_model("v2", len(names))
-    history = fit(model, train, val, config)
-    save_checkpoint(out, model, "v2", names, config, history)
-    return history
+    return train_run(config, train, val, test, out).history
 
 
 def batches(drawings: list[dict]) -> Iterator[list[dict]]:

@@ -14,6 +14,7 @@ from nbclient import NotebookClient
 
 from utils import study
 from utils.download import Fetched
+from utils.train import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["airplane", "alarm clock", "cloud", "smiley face"]  # 4 of the mirror's 17 bitmap categories
@@ -79,7 +80,7 @@ def test_notebook_runs_on_mirror_and_writes_every_figure(mirror_url, tmp_path, m
     assert sum("*" in r.split("|")[1] for r in rows) == 1
 
     for run in study.RUNS:
-        assert (tmp_path / "models" / f"{study.slug(run)}.pt").stat().st_size > 0
+        assert (tmp_path / "models" / f"{study.RUNS[run].stem}.pt").stat().st_size > 0
     assert (tmp_path / "models" / "best.pt").stat().st_size > 0
     found = next(c for c in nb.cells if c.cell_type == "code" and "study.findings(results)" in c.source).outputs
     markdown = found[0]["data"]["text/markdown"]
@@ -152,8 +153,9 @@ def test_train_config_applies_study_overrides_to_recipes():
     config = study.StudyConfig(categories=["dog"], epochs=1, seed=3, device="cpu")
     tc = config.train_config("V2-XL")
     assert (tc.model, tc.augment, tc.epochs, tc.seed, tc.device) == ("v2", "xl", 1, 3, "cpu")
-    assert tc.batch_size == study.RUNS["V2-XL"]["batch_size"]
-    assert study.StudyConfig(categories=["dog"]).train_config("V1").epochs == study.RUNS["V1"]["epochs"]
+    assert tc.batch_size == study.RUNS["V2-XL"].settings["batch_size"]
+    assert study.StudyConfig(categories=["dog"]).train_config("V1").epochs == study.RUNS["V1"].settings["epochs"]
+    assert all(run == recipe.label and RECIPES[recipe.name] is recipe for run, recipe in study.RUNS.items())
 
 
 def scores(top1):

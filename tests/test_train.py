@@ -66,6 +66,27 @@ def test_dry_run_checkpoint_and_history_restore_the_best_model(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_train_run_seeds_fits_scores_and_saves_what_load_checkpoint_gives(tmp_path):
+    config = TrainConfig(model="v1", epochs=2, batch_size=32, seed=3, channels_last=True, **QUIET)
+    torch.manual_seed(99)  # whatever the caller's random state: train_run seeds from config.seed
+    first = train_module.train_run(config, TRAIN, VAL, TRAIN, tmp_path / "a.pt")
+    torch.manual_seed(7)
+    again = train_module.train_run(config, TRAIN, VAL, TRAIN, tmp_path / "b.pt")
+    assert first.history["train_loss"] == again.history["train_loss"]
+    assert first.history["val_loss"] == again.history["val_loss"]
+    assert first.config is config and first.epochs == 2 and first.checkpoint == tmp_path / "a.pt"
+    assert first.trained_config.channels_last is True and first.precision["how"] == "forced"
+    assert first.params == sum(p.numel() for p in build_model("v1", 2).parameters())
+    assert first.metrics["val"]["n"] == len(VAL) and first.metrics["test"]["n"] == len(TRAIN)
+    assert first.scores["val"]["top1"] == first.history["val_acc"][first.history["best_epoch"] - 1]
+    loaded, ckpt = load_checkpoint(first.checkpoint)
+    assert ckpt["metrics"] == first.metrics and ckpt["config"] == dataclasses.asdict(first.trained_config)
+    assert all(p.is_contiguous() for p in first.model.parameters())  # NCHW, as loaded, though trained channels-last
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][name]), name
+    assert train_module.score_split(loaded, VAL, torch.device("cpu"))["confusion"] == first.scores["val"]["confusion"]
+
+
 def test_early_stopping_after_patience_epochs_without_a_lower_val_loss(tmp_path, monkeypatch):
     val_losses = iter([1.0, 0.8, 0.9, 0.85, 0.81, 0.5, 0.4])
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (next(val_losses), 0.5))
@@ -368,7 +389,7 @@ def test_cli_reports_an_unknown_category(tmp_path):
 def test_recipe_flag_sets_defaults_and_explicit_flags_win():
     from utils.train import RECIPES, parse_args
     args = parse_args(["--recipe", "v2-tuned", "--categories", "cat", "--epochs", "3"])
-    recipe = RECIPES["v2-tuned"]
+    recipe = RECIPES["v2-tuned"].settings
     assert (args.model, args.batch_size, args.schedule, args.augment) == (
         recipe["model"], recipe["batch_size"], recipe["schedule"], recipe["augment"])
     assert args.epochs == 3 != recipe["epochs"]
@@ -377,6 +398,83 @@ def test_recipe_flag_sets_defaults_and_explicit_flags_win():
     assert parse_args(["--recipe", "v2-tuned", "--categories", "cat", "--no-bf16"]).bf16 is False
     assert parse_args(["--recipe", "v2", "--categories", "cat"]).bf16 is False  # the original recipe: fp32
     assert parse_args(["--categories", "cat", "--channels-last"]).channels_last is True
+
+
+def test_recipes_have_one_name_label_and_file_stem_each_and_fixed_settings():
+    from utils.train import RECIPES, Recipe, by_name, parse_args
+    recipes = list(RECIPES.values())
+    assert [r.name for r in recipes] == list(RECIPES)
+    assert len({r.label for r in recipes}) == len({r.stem for r in recipes}) == len(recipes)  # no file clashes
+    assert all(r.about and "\n" not in r.about for r in recipes)
+    tuned, fp32 = RECIPES["v2-tuned"], RECIPES["v2-tuned-fp32"]
+    assert fp32.settings.keys() == tuned.settings.keys()
+    assert {k: v for k, v in fp32.settings.items() if v != tuned.settings[k]} == dict(bf16=False, channels_last=False)
+    assert tuned.config(epochs=2, seed=5) == dataclasses.replace(TrainConfig(**tuned.settings), epochs=2, seed=5)
+    assert RECIPES["qdnet"].stem == "quickdrawnet" and RECIPES["v2-xl"].stem == "v2-xl"
+    with pytest.raises(TypeError):
+        tuned.settings["epochs"] = 1  # read-only: a run cannot change the recipe of the next
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tuned.label = "V2-fast"
+    with pytest.raises(TypeError, match="epoch"):
+        Recipe("v9", "V9", "a misspelt field", dict(model="v2", epoch=3))
+    with pytest.raises(ValueError, match="unknown model 'v9'"):
+        Recipe("v9", "V9", "an unknown model", dict(model="v9"))
+    with pytest.raises(ValueError, match="recipe names repeat"):
+        by_name(tuned, fp32, tuned)
+    assert parse_args(["--recipe", "v2-tuned-fp32", "--categories", "cat"]).bf16 is False
+
+
+# A value of every TrainConfig field, none of them its default (a new field needs one here).
+CLI_VALUES = dict(model="v1", epochs=7, batch_size=48, lr=0.025, lr_batch=512, optimizer="sgd", momentum=0.8,
+                  weight_decay=0.01, schedule="cosine", label_smoothing=0.05, augment="online", aug_degrees=10.0,
+                  aug_hflip=0.25, aug_vflip=0.125, aug_scale=0.2, aug_shift=0.1, patience=5, seed=11, device="cpu",
+                  channels_last=True, bf16=False, num_threads=3, max_minutes=2.5, eval_batch_size=256, dry_run=True,
+                  progress=False)
+
+
+def as_flags(name: str, value) -> list[str]:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return [f"--{flag}" if value else f"--no-{flag}"]
+    return [f"--{flag}", str(value)]
+
+
+def test_every_train_config_field_round_trips_through_the_cli_with_its_type():
+    from utils.train import parse_args
+    assert list(CLI_VALUES) == [f.name for f in dataclasses.fields(TrainConfig)]
+    unset = parse_args(["--categories", "cat"])
+    for f in dataclasses.fields(TrainConfig):  # bf16 and channels_last: "auto" (timed) unless a flag is given
+        assert getattr(unset, f.name) == ("auto" if f.name in ("bf16", "channels_last") else f.default), f.name
+    args = parse_args(["--categories", "cat"] + [a for k, v in CLI_VALUES.items() for a in as_flags(k, v)])
+    for name, value in CLI_VALUES.items():
+        assert getattr(args, name) == value != getattr(unset, name), name
+        assert type(getattr(args, name)) is type(value), name  # e.g. --lr-batch an int, --max-minutes a float
+    assert TrainConfig(**{k: getattr(args, k) for k in CLI_VALUES}) == TrainConfig(**CLI_VALUES)
+    given = parse_args(["--categories", "cat", "--lr", "1", "--max-minutes", "2", "--patience", "0", "--bf16"])
+    assert (given.lr, given.max_minutes, given.patience, given.bf16) == (1.0, 2.0, 0, True)
+    assert type(given.lr) is type(given.max_minutes) is float and type(given.patience) is int
+
+
+def test_flag_kinds_unwrap_optional_and_read_literal_choices():
+    from typing import Literal, Optional
+    from utils.train import _flag_kinds
+    assert _flag_kinds(int | None) == _flag_kinds(Optional[int]) == ([int], ())
+    assert _flag_kinds(float) == ([float], ())
+    assert _flag_kinds(Literal["a", "b"]) == ([], ("a", "b"))
+    assert _flag_kinds(bool | Literal["auto"]) == ([bool], ("auto",))
+
+
+@pytest.mark.parametrize("flags, named", [(["--num-threads", "1.5"], "--num-threads"),
+                                          (["--lr-batch", "many"], "--lr-batch"),
+                                          (["--max-minutes", "soon"], "--max-minutes"),
+                                          (["--augment", "rotate"], "--augment"),
+                                          (["--schedule", "step"], "--schedule"),
+                                          (["--bf16", "yes"], "unrecognized arguments")])
+def test_a_flag_of_the_wrong_type_is_refused_by_name(flags, named, capsys):
+    from utils.train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--categories", "cat", *flags])
+    assert named in capsys.readouterr().err
 
 
 def test_time_candidates_reports_each_rate_and_drops_the_hopeless(monkeypatch):

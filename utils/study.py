@@ -21,17 +21,15 @@ from utils.categories import resolve_categories
 from utils.download import Fetched, bitmap_path, download_bitmaps, resolve_base_url
 from utils.io import atomic_write
 from utils.metrics import predict_logits
-from utils.models import build_model, count_parameters
 from utils.report import Table
-from utils.train import RECIPES, TrainConfig, fit, pick_device, resolved, score_and_save, set_seed
+from utils.train import RECIPES, Recipe, TrainConfig, pick_device, train_run
 
 ORIGINAL_CATEGORIES = ["dog", "axe", "bat", "alarm clock", "backpack", "blueberry", "elephant", "broom",
                        "cruise ship", "beard"]
-# Each run of the notebook and its recipe (utils.train.RECIPES). QuickDrawNet replaced the earlier ResNet
-# (RECIPES["resnet"], still in benchmarks/bench_train.py): as accurate, and within its time budget on CPUs
-# without native bfloat16 too.
-RUNS: dict[str, dict] = {"V1": RECIPES["v1"], "V2": RECIPES["v2"], "V2-XL": RECIPES["v2-xl"],
-                         "V2-tuned": RECIPES["v2-tuned"], "QuickDrawNet": RECIPES["qdnet"]}
+# The notebook's runs, by their recipes' labels (utils.train.RECIPES). QuickDrawNet replaced the earlier
+# ResNet (RECIPES["resnet"], still in benchmarks/bench_train.py): as accurate, and within its time budget on
+# CPUs without native bfloat16 too.
+RUNS: dict[str, Recipe] = {RECIPES[name].label: RECIPES[name] for name in ("v1", "v2", "v2-xl", "v2-tuned", "qdnet")}
 METRICS = ("top1", "top3", "map3")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIVE = ("max_per_class", "epochs", "batch_size", "threads", "workers")  # settings that must be >= 1
@@ -99,9 +97,9 @@ class StudyConfig:
 
     def train_config(self, run: str) -> TrainConfig:
         """The TrainConfig of one run: its recipe, with the study-wide overrides on top."""
-        recipe = dict(RUNS[run], seed=self.seed, device=self.device, num_threads=self.threads, progress=self.progress)
-        recipe.update({k: getattr(self, k) for k in ("epochs", "batch_size") if getattr(self, k) is not None})
-        return TrainConfig(**recipe)
+        shared = {k: getattr(self, k) for k in ("epochs", "batch_size") if getattr(self, k) is not None}
+        return RUNS[run].config(seed=self.seed, device=self.device, num_threads=self.threads, progress=self.progress,
+                                **shared)
 
     def describe(self) -> str:
         """One line per setting, saying which came from the environment."""
@@ -255,47 +253,38 @@ def examples(ds: QuickDrawSet, n: int = 4, seed: int = 0) -> tuple[torch.Tensor,
     return ds.images[index], list(ds.classes[:len(index)])
 
 
-def slug(run: str) -> str:
-    """File-name form of a run name: "V2-XL" -> "v2-xl"."""
-    return run.lower().replace(" ", "-")
-
-
 def train_and_evaluate(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet,
                        config: StudyConfig) -> dict:
-    """Train run `name` (see RUNS) with utils.train.fit, then score its best epoch on the whole validation
-    and test splits. The checkpoint, with those scores, is <models_dir>/<slug>.pt."""
+    """Train run `name` (see RUNS) with utils.train.train_run: fit, then its best epoch scored on the whole
+    validation and test splits. The checkpoint, with those scores, is <models_dir>/<stem>.pt (Recipe.stem)."""
     tc = config.train_config(name)
     device = pick_device(tc.device)
-    set_seed(config.seed)  # the same initial weights for every rerun
-    model = build_model(tc.model, len(train.classes))
-    out = Path(config.models_dir) / f"{slug(name)}.pt"
-    history = fit(model, train, val, tc, out=out, device=device)  # returns with the best epoch's weights loaded
-    scores, metrics = score_and_save(out, model, tc, train.classes, history, device=device, val=val, test=test)
+    run = train_run(tc, train, val, test, Path(config.models_dir) / f"{RUNS[name].stem}.pt", device=device)
+    history = run.history
     return dict(
-        name=name, model_name=tc.model, recipe=dataclasses.asdict(resolved(tc, history)), params=count_parameters(model),
-        train_seconds=history["train_seconds"], fit_seconds=history["fit_seconds"],
-        images_per_s=history["train_images_per_s"], precision=history["precision"], budget=history["budget"],
-        epochs=len(history["train_loss"]), planned_epochs=tc.epochs, stopped=history["stopped"],
-        best_epoch=history.get("best_epoch"), history=history,
-        checkpoint=str(out), classes=list(train.classes), **metrics,
-        per_class=scores["test"]["per_class"], confusion=scores["test"]["confusion"],
-        test_pred=predict_logits(model, test.images, device=device).argmax(1).tolist(),
+        name=name, model_name=tc.model, recipe=dataclasses.asdict(run.trained_config), params=run.params,
+        train_seconds=run.train_seconds, fit_seconds=run.fit_seconds, images_per_s=run.images_per_s,
+        precision=run.precision, budget=run.budget, epochs=run.epochs, planned_epochs=tc.epochs,
+        stopped=history["stopped"], best_epoch=history.get("best_epoch"), history=history,
+        checkpoint=str(run.checkpoint), classes=list(train.classes), **run.metrics,
+        per_class=run.scores["test"]["per_class"], confusion=run.scores["test"]["confusion"],
+        test_pred=predict_logits(run.model, test.images, device=device).argmax(1).tolist(),
     )
 
 
 def run(name: str, train: QuickDrawSet, val: QuickDrawSet, test: QuickDrawSet, config: StudyConfig) -> dict | None:
-    """train_and_evaluate, then its loss and accuracy curves (saved as curves_<slug>.png).
+    """train_and_evaluate, then its loss and accuracy curves (saved as curves_<stem>.png).
     None, with a note, when the run is not among config.models."""
     if name not in config.models:
         print(f"{name} skipped: not in config.models ({', '.join(config.models)})")
         return None
     tc = config.train_config(name)
     print(f"{name} on the {len(train):,} drawings of the training split: "
-          + ", ".join(f"{k}={getattr(tc, k)}" for k in RUNS[name]))
+          + ", ".join(f"{k}={getattr(tc, k)}" for k in RUNS[name].settings))
     result = train_and_evaluate(name, train, val, test, config)
     print(history_table(result["history"]))
     axes = plots.curves(result["history"], name, label_smoothing=tc.label_smoothing)
-    plots.save_figure(axes, f"curves_{slug(name)}", config.figures_dir)
+    plots.save_figure(axes, f"curves_{RUNS[name].stem}", config.figures_dir)
     print(f"{name}: val top-1 {result['val']['top1']:.2%}, test top-1 {result['test']['top1']:.2%}, "
           f"{epochs_done(result)} epochs in {result['train_seconds']:.0f} s of training, "
           f"in {precision_cell(result)}, checkpoint {result['checkpoint']}")

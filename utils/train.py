@@ -18,9 +18,13 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +46,11 @@ from utils.metrics import predict_logits
 from utils.models import MODELS, build_model, count_parameters
 from utils.pack import PackedSet, PackedSplit, device_batches, shard
 
-AUGMENTS = ("none", "xl", "online")
+Augment = Literal["none", "xl", "online"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+Schedule = Literal["none", "onecycle", "cosine"]
+AUGMENTS, OPTIMIZERS, SCHEDULES = typing.get_args(Augment), typing.get_args(Optimizer), typing.get_args(Schedule)
 POSTFIX_SECONDS = 0.5  # how often the progress bar's loss and accuracy are refreshed
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "onecycle", "cosine")
 
 
 @dataclass
@@ -58,12 +63,12 @@ class TrainConfig:
     # The global batch is batch_size (per rank) x the number of ranks; the rate is scaled from lr_batch to it:
     # linearly for sgd, by the square root for adam/adamw. None: lr_batch = batch_size (one process: no change).
     lr_batch: int | None = None
-    optimizer: str = "adam"          # adam | adamw | sgd (with Nesterov momentum)
+    optimizer: Optimizer = "adam"    # adam | adamw | sgd (with Nesterov momentum)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.0
-    schedule: str = "none"           # none | onecycle | cosine (both stepped every batch)
+    schedule: Schedule = "none"      # none | onecycle | cosine (both stepped every batch)
     label_smoothing: float = 0.0
-    augment: str = "none"            # none | xl (materialized copies of the train split) | online (RandomAugment)
+    augment: Augment = "none"        # none | xl (materialized copies of the train split) | online (RandomAugment)
     aug_degrees: float = 15.0        # online: uniform turn in [-d, d]
     aug_hflip: float = 0.5           # online: probability of a left-right mirror
     aug_vflip: float = 0.0           # online: probability of a top-bottom mirror
@@ -73,8 +78,8 @@ class TrainConfig:
     seed: int = 0                    # batch order and online augmentation (weights: set_seed before building)
     device: str = "auto"
     # "auto": timed before training (choose_precision), the fastest kept; True/False force a choice.
-    channels_last: bool | str = False  # NHWC activations (often faster convolutions on CPU)
-    bf16: bool | str = False         # low-precision autocast: bfloat16 (CPU, GPUs that have it), else float16 on CUDA
+    channels_last: bool | Literal["auto"] = False  # NHWC activations (often faster convolutions on CPU)
+    bf16: bool | Literal["auto"] = False  # low-precision autocast: bfloat16 (CPU, GPUs with it), else float16 on CUDA
     num_threads: int | None = None   # torch intra-op threads during the fit; None: torch's choice
     max_minutes: float | None = None  # wall-clock budget for the whole fit: sizes the schedule (at most `epochs`)
     eval_batch_size: int = 1024
@@ -95,28 +100,78 @@ class TrainConfig:
             raise ValueError(f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, {self.lr})")
 
 
-# Named recipes: TrainConfig fields. The original study's: Adam at 1e-3, batches of 64, all 10 epochs,
-# float32 and NCHW. Ours: a fresh random turn, flip, zoom and shift per batch, one-cycle AdamW, label
-# smoothing, large batches; precision and memory format chosen by timing ("auto"), since bfloat16 is
-# several times faster than float32 on CPUs with AMX/AVX512-BF16 and several times slower on the rest.
-# They were developed on the seed-0 split, whose test scores were seen before the epoch counts of
-# v2-tuned and resnet were raised; seed 1 (the same drawings split afresh) checked them once fixed.
-# One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split plus its
-# rotated and flipped copies (augment="xl", made after the split). A max_minutes budget sizes the
-# schedule: as many of `epochs` as fit, measured early in the first epoch.
+# Named recipes (RECIPES): the TrainConfig fields each sets, with its label and a line about it. The original
+# study's: Adam at 1e-3, batches of 64, all 10 epochs, float32 and NCHW. Ours: a fresh random turn, flip, zoom
+# and shift per batch, one-cycle AdamW, label smoothing, large batches; precision and memory format chosen by
+# timing ("auto"), since bfloat16 is several times faster than float32 on CPUs with AMX/AVX512-BF16 and several
+# times slower on the rest. They were developed on the seed-0 split, whose test scores were seen before the
+# epoch counts of v2-tuned and resnet were raised; seed 1 (the same drawings split afresh) checked them once
+# fixed. One-cycle ends at its best epoch, so no early stopping. "v2-xl" is V2 on the training split plus its
+# rotated and flipped copies (augment="xl", made after the split). A max_minutes budget sizes the schedule: as
+# many of `epochs` as fit, measured early in the first epoch.
 ORIGINAL_RECIPE = dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, patience=None, bf16=False,
                        channels_last=False)
 OUR_RECIPE = dict(batch_size=256, optimizer="adamw", lr=3e-3, schedule="onecycle", label_smoothing=0.1,
                   augment="online", aug_degrees=15.0, aug_hflip=0.5, aug_scale=0.1, aug_shift=0.05,
                   bf16="auto", channels_last="auto", patience=None)
-RECIPES: dict[str, dict] = {
-    "v1": dict(ORIGINAL_RECIPE, model="v1"),
-    "v2": dict(ORIGINAL_RECIPE, model="v2"),
-    "v2-xl": dict(ORIGINAL_RECIPE, model="v2", augment="xl"),
-    "v2-tuned": dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4),
-    "resnet": dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5),
-    "qdnet": dict(OUR_RECIPE, model="qdnet", epochs=40, weight_decay=5e-4, max_minutes=14.5),
-}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe. name: what --recipe, benchmarks/bench_train.py --runs and their files call it; label:
+    how the notebook's tables and figures show it; about: one line saying what it is; settings: the
+    TrainConfig fields it sets (read-only; the rest keep their defaults)."""
+    name: str
+    label: str
+    about: str
+    settings: Mapping[str, Any]
+
+    def __post_init__(self):
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        TrainConfig(**self.settings)  # an unknown field or value fails here, not when a run starts
+
+    @property
+    def stem(self) -> str:
+        """The label as a file name (the notebook's checkpoints and figures): "V2-XL" -> "v2-xl"."""
+        return self.label.lower().replace(" ", "-")
+
+    def config(self, **overrides) -> TrainConfig:
+        """The recipe's TrainConfig, with `overrides` (TrainConfig fields) on top."""
+        return TrainConfig(**{**self.settings, **overrides})
+
+    def variant(self, name: str, label: str, about: str, **changes) -> Recipe:
+        """This recipe with `changes` to its settings, under another name."""
+        return Recipe(name, label, about, {**self.settings, **changes})
+
+
+def by_name(*recipes: Recipe) -> dict[str, Recipe]:
+    """{name: recipe}, in the order given; a name given twice is an error."""
+    named = {recipe.name: recipe for recipe in recipes}
+    if len(named) != len(recipes):
+        raise ValueError(f"recipe names repeat: {[recipe.name for recipe in recipes]}")
+    return named
+
+
+RECIPES: dict[str, Recipe] = by_name(
+    Recipe("v1", "V1", "V1, the original recipe: Adam 1e-3, batch 64, 10 epochs, no augmentation, fp32",
+           dict(ORIGINAL_RECIPE, model="v1")),
+    Recipe("v2", "V2", "V2, the original recipe",
+           dict(ORIGINAL_RECIPE, model="v2")),
+    Recipe("v2-xl", "V2-XL", "V2-XL: V2, the original recipe, on the training split plus its rotated and "
+           "flipped copies",
+           dict(ORIGINAL_RECIPE, model="v2", augment="xl")),
+    (_tuned := Recipe("v2-tuned", "V2-tuned", "V2, our recipe: online turns/flips/zooms/shifts, AdamW one-cycle, "
+                      "label smoothing 0.1, batch 256, precision and memory format timed",
+                      dict(OUR_RECIPE, model="v2", epochs=25, weight_decay=1e-4))),
+    # What the precision choice alone brings to v2-tuned's speed: the same run in float32, NCHW.
+    _tuned.variant("v2-tuned-fp32", "V2-tuned fp32", "v2-tuned forced to float32 and NCHW, all else the same",
+                   bf16=False, channels_last=False),
+    Recipe("resnet", "ResNet", "QuickDrawResNet with the same kind of recipe, schedule sized to 14.5 min",
+           dict(OUR_RECIPE, model="resnet", epochs=20, weight_decay=5e-4, max_minutes=14.5)),
+    Recipe("qdnet", "QuickDrawNet", "QuickDrawNet (ours, built for float32 FLOPs) with the same kind of recipe, "
+           "schedule sized to 14.5 min",
+           dict(OUR_RECIPE, model="qdnet", epochs=40, weight_decay=5e-4, max_minutes=14.5)),
+)
 
 
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
@@ -695,8 +750,15 @@ def _save_progress(out, model, best_state, classes, config, history, optimizer, 
     write_json(history_path(out), history, indent=1)
 
 
+# ------------------------------------------------------------------------- one run: seed, build, fit, score
 
-# --------------------------------------------------------------------------------------------- command line
+SUMMARY = ("top1", "top3", "top5", "map3", "n")  # the scores a checkpoint stores for each split
+
+
+def summary(scores: dict[str, dict]) -> dict[str, dict]:
+    """{split: the SUMMARY of its scores}: what a checkpoint's "metrics" hold."""
+    return {name: {k: s[k] for k in SUMMARY} for name, s in scores.items()}
+
 
 def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str], history: dict,
                    device: torch.device | None = None, group: distributed.Group | None = None,
@@ -710,15 +772,102 @@ def score_and_save(out, model: nn.Module, config: TrainConfig, classes: list[str
     model.to(group.device)
     scores = {name: score_split(model, part, group.device, config.eval_batch_size, group=group)
               for name, part in splits.items()}
-    metrics = {name: {k: s[k] for k in ("top1", "top3", "top5", "map3", "n")} for name, s in scores.items()}
+    metrics = summary(scores)
     if group.main:
         save_checkpoint(out, model, config.model, classes, config, history, metrics=metrics)
     return scores, metrics
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What train_run did: the settings it was given, fit's history, every score of each split (score_split's),
+    the checkpoint written and the model it holds (the best epoch, NCHW, on the device it trained on)."""
+    config: TrainConfig
+    history: dict
+    scores: dict[str, dict]
+    checkpoint: Path
+    model: nn.Module
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        """{split: top1, top3, top5, map3, n}, as the checkpoint stores them."""
+        return summary(self.scores)
+
+    @property
+    def trained_config(self) -> TrainConfig:
+        """config with "auto" replaced by the precision and memory format the run chose."""
+        return resolved(self.config, self.history)
+
+    @property
+    def precision(self) -> dict:
+        """The precision decision (choose_precision): chosen, how, and the rates timed."""
+        return self.history["precision"]
+
+    @property
+    def budget(self) -> dict | None:
+        """The time budget's plan (epochs, max_epochs, minutes, ...), None without max_minutes."""
+        return self.history["budget"]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history["train_loss"])
+
+    @property
+    def params(self) -> int:
+        return count_parameters(self.model)
+
+    @property
+    def train_seconds(self) -> float:
+        """Time spent in training steps (validation excluded)."""
+        return self.history["train_seconds"]
+
+    @property
+    def fit_seconds(self) -> float:
+        """The whole fit: training, validation, checkpoints."""
+        return self.history["fit_seconds"]
+
+    @property
+    def images_per_s(self) -> float:
+        """Training images per second of training time."""
+        return self.history["train_images_per_s"]
+
+
+def train_run(config: TrainConfig, train: QuickDrawSet | PackedSplit, val: QuickDrawSet | PackedSplit,
+              test: QuickDrawSet | PackedSplit, out: str | Path, *, device: torch.device | None = None,
+              group: distributed.Group | None = None, resume: bool = False, source: dict | None = None) -> RunResult:
+    """One training run from a seeded start: set_seed(config.seed), build config.model for train.classes, fit
+    (checkpoints at `out`), then score the best epoch on the whole val and test splits on the device it trained
+    on and re-save the checkpoint `out` with those scores.
+
+    device: where to train and score (default: pick_device(config.device)); under torchrun give the group
+    (utils.distributed.init()) instead. resume and source are fit's.
+    """
+    group = group or distributed.Group(device=device or pick_device(config.device))
+    set_seed(config.seed)  # the same initial weights for every rerun
+    model = build_model(config.model, len(train.classes))
+    history = fit(model, train, val, config, out=out, resume=resume, group=group, source=source)
+    # fit returns with the best epoch's weights: a fresh model holds them as load_checkpoint(out) would
+    best = build_model(config.model, len(train.classes))
+    best.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    scores, _ = score_and_save(out, best, config, train.classes, history, group=group, val=val, test=test)
+    distributed.barrier(group)
+    return RunResult(config, history, scores, Path(out), best)
+
+
+# --------------------------------------------------------------------------------------------- command line
+
 def _categories(values: list[str]) -> list[str]:
     """Names as separate arguments or comma-separated (no official name has a comma)."""
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def _flag_kinds(hint) -> tuple[list, tuple]:
+    """(the types, the Literal values) of a TrainConfig annotation: `int | None` -> ([int], ()),
+    `Literal["a", "b"]` -> ([], ("a", "b")), `bool | Literal["auto"]` -> ([bool], ("auto",))."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    members = [h for h in (typing.get_args(hint) if union else (hint,)) if h is not type(None)]
+    literal = [h for h in members if typing.get_origin(h) is Literal]
+    return [h for h in members if h not in literal], tuple(v for h in literal for v in typing.get_args(h))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -735,25 +884,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 split (default: --seed)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="start from a named recipe (utils.train.RECIPES); flags given as well override it")
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model",):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        if f.name in ("bf16", "channels_last"):  # neither flag: "auto", timed before training
+        kinds, choices = _flag_kinds(hints[f.name])
+        if bool in kinds and "auto" in choices:  # neither flag: "auto", timed before training
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default="auto",
                            help="force on or off (default: auto, the faster of the two as timed before training)")
-        elif isinstance(default, bool):
+        elif bool in kinds:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name in ("augment", "optimizer", "schedule"):
-            p.add_argument(flag, default=default, choices={"augment": AUGMENTS, "optimizer": OPTIMIZERS,
-                                                           "schedule": SCHEDULES}[f.name])
+        elif choices:
+            p.add_argument(flag, default=default, choices=choices)
+        elif len(kinds) == 1:
+            p.add_argument(flag, type=kinds[0], default=default)
         else:
-            kind = {"patience": int, "num_threads": int, "max_minutes": float, "lr_batch": int}.get(f.name, type(default))
-            p.add_argument(flag, type=kind, default=default)
+            raise TypeError(f"TrainConfig.{f.name}: no command-line flag for a field of type {hints[f.name]}")
     recipe = p.parse_known_args(argv)[0].recipe
     if recipe:
-        p.set_defaults(**RECIPES[recipe])
+        p.set_defaults(**RECIPES[recipe].settings)
     args = p.parse_args(argv)
     if bool(args.categories) == bool(args.packed):
         p.error("give --categories (bitmaps, loaded into memory) or --packed (a pack, streamed), not both")
@@ -765,14 +916,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tuple, list[str], dict]:
-    """((train, val, test), class names, where they came from): a pack's splits, or bitmaps (downloaded by one
-    process per machine) loaded and split in memory."""
+def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tuple, dict]:
+    """((train, val, test), where they came from): a pack's splits, or bitmaps (downloaded by one process per
+    machine) loaded and split in memory."""
     if args.packed:
         pack = PackedSet.open(args.packed)
         source = dict(packed=str(Path(args.packed).resolve()), seed=pack.manifest["seed"],
                       manifest_sha256=hashlib.sha256((pack.path / "manifest.json").read_bytes()).hexdigest())
-        return (pack.train, pack.val, pack.test), pack.classes, source
+        return (pack.train, pack.val, pack.test), source
     categories = resolve_categories(_categories(args.categories))
     if group.local_rank == 0:
         download_bitmaps(categories, root=args.data, max_per_class=args.max_per_class, base_url=args.base_url,
@@ -781,7 +932,7 @@ def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tupl
     split_seed = config.seed if args.split_seed is None else args.split_seed
     ds = load_bitmaps(categories, root=args.data, max_per_class=args.max_per_class)
     source = dict(categories=categories, max_per_class=args.max_per_class, split_seed=split_seed)
-    return split(ds, seed=split_seed), categories, source
+    return split(ds, seed=split_seed), source
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -791,23 +942,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or f"models/{config.model}.pt")
     group = distributed.init(pick_device(config.device))
     try:
-        (train, val, test), categories, source = load_data(args, config, group)
+        (train, val, test), source = load_data(args, config, group)
         # torchrun --max-restarts starts every rank again after one failed: carry on from the last epoch saved.
         resume = args.resume or (distributed.restarted() and last_path(out).is_file())
-        set_seed(config.seed)
-        model = build_model(config.model, len(categories))
-        history = fit(model, train, val, config, out=out, resume=resume, group=group, source=source)
-        # fit returns with the best epoch's weights: a fresh model holds them as load_checkpoint(out) would
-        best = build_model(config.model, len(categories))
-        best.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
-        _, metrics = score_and_save(out, best, config, categories, history, group=group, val=val, test=test)
-        distributed.barrier(group)
+        run = train_run(config, train, val, test, out, group=group, resume=resume, source=source)
     finally:
         distributed.teardown()
-    return dict(model=config.model, params=count_parameters(model), checkpoint=str(out), **metrics,
-                train_images_per_s=history["train_images_per_s"], train_seconds=history["train_seconds"],
-                epochs=len(history["train_loss"]), best_epoch=history["best_epoch"], stopped=history["stopped"],
-                precision=history["precision"], budget=history["budget"], data=source,
+    history = run.history
+    return dict(model=config.model, params=run.params, checkpoint=str(out), **run.metrics,
+                train_images_per_s=run.images_per_s, train_seconds=run.train_seconds,
+                epochs=run.epochs, best_epoch=history["best_epoch"], stopped=history["stopped"],
+                precision=run.precision, budget=run.budget, data=source,
                 distributed=dict(history.get("distributed") or {}, rank=group.rank, resumed=resume),
                 sizes=dict(train=len(train), val=len(val), test=len(test)), loadavg=os.getloadavg())
 
