@@ -3,11 +3,16 @@ collectives training needs (decide on rank 0 and share, sum over ranks, streamed
 
 Without torchrun (no WORLD_SIZE in the environment) every helper is the single-process identity, so the same
 code runs either way. Under torchrun: gloo on CPU, nccl on CUDA, LOCAL_RANK picks the GPU.
+
+Every rank must call the same collectives in the same order with the same shapes, or the ranks wait on each
+other: each collective gives up after a timeout (init(timeout=...)) with an error that names the rank and the
+collective, instead of hanging.
 """
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterable
@@ -21,7 +26,11 @@ from utils.data import to_float
 from utils.device import pick_device
 from utils.metrics import per_class_accuracy
 
-TIMEOUT = timedelta(minutes=30)  # rank 0 may time precision or write checkpoints while the others wait
+# How long a collective waits for the other ranks. Rank 0 alone times precision or writes a checkpoint while
+# the others wait (seconds); anything longer is a fault: a dead peer, or ranks that ran different collectives.
+TIMEOUT = timedelta(minutes=10)
+# How long the ranks wait for each other to start (imports, CUDA, a busy machine) before the first collective.
+JOIN_TIMEOUT = timedelta(minutes=30)
 TOPK = (1, 3, 5)
 
 
@@ -53,8 +62,9 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def init(device: str | torch.device = "auto") -> Group:
-    """Join the run torchrun started (gloo on CPU, nccl on CUDA), or a one-process Group without it."""
+def init(device: str | torch.device = "auto", timeout: timedelta = TIMEOUT) -> Group:
+    """Join the run torchrun started (gloo on CPU, nccl on CUDA), or a one-process Group without it.
+    timeout: how long any collective waits for the other ranks before it fails."""
     if not launched():
         return Group(device=device if isinstance(device, torch.device) else pick_device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -69,12 +79,25 @@ def init(device: str | torch.device = "auto") -> Group:
     if not dist.is_initialized():
         # The agent's store outlives a restart (--max-restarts) and still holds the dead workers' addresses:
         # each attempt keeps its keys apart, or a new rank may dial a dead peer.
-        store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        store, _, _ = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        _join(store, rank, world_size)
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", store=store, rank=rank,
-                                world_size=world_size, timeout=TIMEOUT,
+                                world_size=world_size, timeout=timeout,
                                 device_id=chosen if chosen.type == "cuda" else None)
     return Group(rank, world_size, local_rank, chosen)
+
+
+def _join(store: dist.Store, rank: int, world_size: int) -> None:
+    """Wait up to JOIN_TIMEOUT until every rank has started: the process group's connections wait only the
+    (shorter) collective timeout, which a rank slow to import would otherwise exceed."""
+    if store.add("started", 1) == world_size:
+        store.set("all started", "1")
+    try:
+        store.wait(["all started"], JOIN_TIMEOUT)
+    except dist.DistStoreError as e:
+        started = store.add("started", 0)
+        raise RuntimeError(f"rank {rank}: only {started} of {world_size} ranks started within {JOIN_TIMEOUT}") from e
 
 
 def teardown() -> None:
@@ -82,9 +105,21 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def _collective(what: str, group: Group):
+    """A failed collective names the rank and what it waited for (gloo's own error says only that a send or
+    receive timed out)."""
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError and the backends' timeouts
+        raise RuntimeError(f"rank {group.rank} of {group.world_size}: {what} failed (another rank is stuck or gone, or "
+                           f"the ranks ran different collectives): {e}") from e
+
+
 def barrier(group: Group) -> None:
     if group.active:
-        dist.barrier()
+        with _collective("barrier", group):
+            dist.barrier()
 
 
 def share(obj: Any, group: Group) -> Any:
@@ -92,20 +127,26 @@ def share(obj: Any, group: Group) -> Any:
     if not group.active:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=group.device if group.device.type == "cuda" else None)
+    with _collective("broadcast from rank 0", group):
+        dist.broadcast_object_list(box, src=0, device=group.device if group.device.type == "cuda" else None)
     return box[0]
 
 
 def sum_all(values: dict[str, torch.Tensor], group: Group) -> dict[str, torch.Tensor]:
-    """Element-wise sums over ranks of a dict of tensors (one all-reduce); values come back on the CPU."""
+    """Element-wise sums over ranks of a dict of tensors (one all-reduce per dtype, in the order the dtypes first
+    appear in the sorted keys); values come back on the CPU."""
     if not group.active:
         return {k: v.cpu() for k, v in values.items()}
     keys = sorted(values)
     out = {}
-    for dtype in {values[k].dtype for k in keys}:  # one flat buffer per dtype: integer counts stay exact
+    # One flat buffer per dtype (integer counts stay exact), in an order every rank computes alike: a set's
+    # order follows the dtypes' hashes, their addresses, which differ between processes, and two ranks
+    # reducing different buffers wait on each other.
+    for dtype in dict.fromkeys(values[k].dtype for k in keys):
         same = [k for k in keys if values[k].dtype == dtype]
         flat = torch.cat([values[k].reshape(-1) for k in same]).to(group.device)
-        dist.all_reduce(flat)
+        with _collective(f"sum of {', '.join(same)}", group):
+            dist.all_reduce(flat)
         flat, at = flat.cpu(), 0
         for k in same:
             n = values[k].numel()

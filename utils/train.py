@@ -21,6 +21,7 @@ import time
 import types
 import typing
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -615,13 +616,17 @@ def _fit(model: nn.Module, train, val, config: TrainConfig, out: Path | None, re
     history["data"] = source
     t_fit = CLOCK()
     if resume:
-        last = read_checkpoint(last_path(out))
+        # Only rank 0 writes checkpoints, so only it reads them: the other ranks (on other machines too) get its
+        # copy, and every rank carries on from the same epoch.
+        if group.main:
+            last = read_checkpoint(last_path(out))
+            best_state = read_checkpoint(out)["state_dict"] if Path(out).is_file() else None
+        last, best_state = distributed.share((last, best_state), group)
         _check_resumable(last["config"], config, last_path(out))
         if not _same_data(last["history"].get("data"), source):
             raise ValueError(f"cannot resume {last_path(out)} from other data: it trained on "
                              f"{last['history']['data']}, this run reads {source}")
         history, since_best = last["history"], last["since_best"]
-        best_state = read_checkpoint(out)["state_dict"] if Path(out).is_file() else None
         t_fit -= history["fit_seconds"]
         config = dataclasses.replace(config, bf16=last["config"]["bf16"], channels_last=last["config"]["channels_last"])
     epochs = (history.get("budget") or {}).get("epochs", config.epochs)
@@ -882,6 +887,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="checkpoint path (default: models/<model>.pt)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 split (default: --seed)")
+    p.add_argument("--dist-timeout", type=float, default=distributed.TIMEOUT.total_seconds(),
+                   help="under torchrun: seconds a collective waits for the other ranks before the run fails")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="start from a named recipe (utils.train.RECIPES); flags given as well override it")
     hints = typing.get_type_hints(TrainConfig)
@@ -906,6 +913,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if recipe:
         p.set_defaults(**RECIPES[recipe].settings)
     args = p.parse_args(argv)
+    if args.dist_timeout <= 0:
+        p.error(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout:g}")
     if bool(args.categories) == bool(args.packed):
         p.error("give --categories (bitmaps, loaded into memory) or --packed (a pack, streamed), not both")
     fixed = [flag for flag, value in (("--max-per-class", args.max_per_class), ("--split-seed", args.split_seed),
@@ -917,18 +926,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_data(args, config: TrainConfig, group: distributed.Group) -> tuple[tuple, dict]:
-    """((train, val, test), where they came from): a pack's splits, or bitmaps (downloaded by one process per
-    machine) loaded and split in memory."""
+    """((train, val, test), where they came from): a pack's splits, or bitmaps (downloaded where missing)
+    loaded and split in memory."""
     if args.packed:
         pack = PackedSet.open(args.packed)
         source = dict(packed=str(Path(args.packed).resolve()), seed=pack.manifest["seed"],
                       manifest_sha256=hashlib.sha256((pack.path / "manifest.json").read_bytes()).hexdigest())
         return (pack.train, pack.val, pack.test), source
     categories = resolve_categories(_categories(args.categories))
-    if group.local_rank == 0:
-        download_bitmaps(categories, root=args.data, max_per_class=args.max_per_class, base_url=args.base_url,
-                         progress=config.progress)
-    distributed.barrier(group)
+    # Every rank: each file is fetched once under its lock while the others wait on the lock, not in a
+    # collective, whose timeout a long download would exceed.
+    download_bitmaps(categories, root=args.data, max_per_class=args.max_per_class, base_url=args.base_url,
+                     progress=config.progress and group.local_rank == 0)
     split_seed = config.seed if args.split_seed is None else args.split_seed
     ds = load_bitmaps(categories, root=args.data, max_per_class=args.max_per_class)
     source = dict(categories=categories, max_per_class=args.max_per_class, split_seed=split_seed)
@@ -940,11 +949,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = Path(args.out or f"models/{config.model}.pt")
-    group = distributed.init(pick_device(config.device))
+    group = distributed.init(pick_device(config.device), timedelta(seconds=args.dist_timeout))
     try:
         (train, val, test), source = load_data(args, config, group)
-        # torchrun --max-restarts starts every rank again after one failed: carry on from the last epoch saved.
-        resume = args.resume or (distributed.restarted() and last_path(out).is_file())
+        # torchrun --max-restarts starts every rank again after one failed: carry on from the last epoch saved
+        # (as rank 0, which wrote it, sees it: every rank must take the same path).
+        resume = distributed.share(args.resume or (distributed.restarted() and last_path(out).is_file()), group)
         run = train_run(config, train, val, test, out, group=group, resume=resume, source=source)
     finally:
         distributed.teardown()
@@ -961,7 +971,8 @@ if __name__ == "__main__":
     try:
         result = main()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if distributed.launched() else ""  # which of torchrun's logs
+        print(f"error{rank}: {e}", file=sys.stderr)
         sys.exit(1)
     if result["distributed"]["rank"] == 0:  # one JSON line for the run
         print(json.dumps(result))
