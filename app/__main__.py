@@ -15,7 +15,7 @@ import uvicorn
 
 from app.api import ServiceConfig, create_app
 from app.backends import ModelFileError
-from app.server import uvicorn_config
+from app.server import PROTOCOLS, uvicorn_config
 from app.service import UNSURE_BELOW, Classifier
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "quickdraw17" / "quickdraw17.int8.onnx"
@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"seconds for a request body to arrive in full, else 408 (default {defaults.body_timeout:g})")
     p.add_argument("--idle-timeout", type=seconds, default=defaults.idle_timeout,
                    help=f"seconds a connection may send no request head (default {defaults.idle_timeout:g})")
+    p.add_argument("--http", default="auto", choices=["auto", *PROTOCOLS],
+                   help="HTTP parser (default auto: httptools if installed, else h11)")
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="event loop (default auto: uvloop if installed, else asyncio)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     return p.parse_args(argv)
@@ -99,7 +103,7 @@ def app_from_env():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    options = dict(log_level=args.log_level, access_log=args.access_log)
+    options = dict(log_level=args.log_level, access_log=args.access_log, http=args.http, loop=args.loop)
     try:
         if args.workers == 1:
             app = build_app(args)

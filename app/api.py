@@ -1,7 +1,8 @@
 """HTTP routes: the drawing page, /predict (strokes or bitmaps, one or many), /predict/image.
 
-Every input goes through app.inputs off the event loop (app.service.Workers); whatever is wrong
-with it answers 4xx with a one-line message naming the problem, and the service keeps serving.
+Every input goes through app.inputs off the event loop (app.service.Batcher, and app.service.Workers
+for the costly ones); whatever is wrong with it answers 4xx with a one-line message naming the
+problem, and the service keeps serving.
 Slow clients are bounded too: a body must arrive within body_timeout (408), and the server closes
 connections that stay idle or send their request head too slowly (app.server).
 """
@@ -9,6 +10,7 @@ connections that stay idle or send their request head too slowly (app.server).
 import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +23,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.inputs import (MAX_BODY_BYTES, SIDE, Drawing, InputError, PredictRequest, image_to_bitmap, problems,
-                        read_drawings)
+from app.inputs import (MAX_BODY_BYTES, SIDE, Drawing, InputError, PredictRequest, problems, read_drawings,
+                        read_image)
 from app.service import Batcher, Classifier, Workers
 
 STATIC = Path(__file__).parent / "static"
@@ -33,11 +35,10 @@ class ServiceConfig:
     """How the service bounds its work and its clients (python -m app sets these from its flags)."""
     body_timeout: float = 10.0    # seconds for a request body to arrive in full (else 408)
     idle_timeout: float = 5.0     # seconds a connection may wait for, or send, a request head (app.server)
-    threads: int = 2              # requests read and drawn at once in threads
     processes: int = 1            # costly requests read and drawn at once in worker processes
     light_body_bytes: int = 16_384  # larger bodies go straight to a worker process
-    light_points: int = 20_000    # points to resample (ink length + points) a thread draws; more: a process
-    light_pixels: int = 1_048_576  # image pixels a thread decodes; more: a process
+    light_points: int = 20_000    # points to resample (ink length + points) the batch thread draws; more: a process
+    light_pixels: int = 262_144   # image pixels the batch thread decodes (512 x 512); more: a process
 
 
 # --- what the routes answer (for the OpenAPI document) ---------------------------------------------------
@@ -146,10 +147,10 @@ class BodyTimeout:
             nonlocal deadline, complete
             if complete:  # after the body: a wait for the client to go away, not a read
                 return await receive()
-            loop = asyncio.get_running_loop()
-            deadline = deadline or loop.time() + self.seconds
+            deadline = deadline or asyncio.get_running_loop().time() + self.seconds
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+                async with asyncio.timeout_at(deadline):  # no task per read, as wait_for would make
+                    message = await receive()
             except TimeoutError:
                 raise HTTPException(408) from None
             complete = message["type"] != "http.request" or not message.get("more_body", False)
@@ -174,8 +175,8 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
     """The FastAPI application serving one loaded classifier."""
     config = config or ServiceConfig()
     n_classes = len(classifier.classes)
-    batcher = Batcher(classifier)
-    workers = Workers(config.threads, config.processes)
+    workers = Workers(config.processes)
+    batcher = Batcher(classifier, workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -234,8 +235,7 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
             raise InputError(f"Content-Type must be application/json, got {content_type!r}", 415)
         raw = await request.body()
         light = config.light_points if len(raw) <= config.light_body_bytes else None
-        drawings = await workers.run(read_drawings, raw, classifier.classes, light_budget=light)
-        results = await batcher.predict(drawings.bitmaps, drawings.top_k, drawings.allowed)
+        drawings, results = await batcher.predict(partial(read_drawings, raw, classifier.classes), light)
         answer = {"model": classifier.name, "unsure_below": classifier.unsure_below}
         # plain JSON types already: skip FastAPI's encoder, it costs per request
         return JSONResponse(answer | ({"results": results} if drawings.batch else results[0]))
@@ -244,11 +244,10 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
     async def predict_image(file: Annotated[UploadFile, File(description="a PNG or JPEG drawing")],
                             top_k: Annotated[int, Query(ge=1, le=n_classes, description="labels to answer; default 5")] = None):
         """An image of a drawing, any polarity and size -> predictions and the 28x28 bitmap it became."""
-        bitmap = await workers.run(image_to_bitmap, await file.read(), light_budget=config.light_pixels)
         k = min(5, n_classes) if top_k is None else top_k
-        result = (await batcher.predict(bitmap[None], k))[0]
-        return JSONResponse(result | {"model": classifier.name, "unsure_below": classifier.unsure_below,
-                                      "bitmap": bitmap.ravel().tolist()})
+        drawings, results = await batcher.predict(partial(read_image, await file.read(), k), config.light_pixels)
+        return JSONResponse(results[0] | {"model": classifier.name, "unsure_below": classifier.unsure_below,
+                                          "bitmap": drawings.bitmaps[0].ravel().tolist()})
 
     default_openapi = app.openapi
 

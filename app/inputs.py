@@ -13,17 +13,17 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, ClassVar
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
+from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict,
                       ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from utils.formats import SIDE
-from utils.strokes import render, simplify
+from utils.strokes import render_raw, render_raw_batch
 
 # Limits per request. Each bounds a cost in time or memory; going over one answers 413.
 MAX_BODY_BYTES = 1_000_000
@@ -92,17 +92,20 @@ def worker_started() -> None:
 
 def ink_length(strokes: list[list[list[float]]]) -> float:
     """Total stroke length at the 0..255 scale simplify brings a drawing to: the points it resamples."""
-    xy = [np.asarray(stroke[:2], dtype=np.float64) for stroke in strokes]  # (2,n) per stroke
-    extent = np.ptp(np.concatenate(xy, axis=1), axis=1).max()
+    xy = np.concatenate([np.asarray(stroke[:2], dtype=np.float64) for stroke in strokes], axis=1)  # (2,N)
+    extent = np.ptp(xy, axis=1).max()
     if extent == 0:
         return 0.0
-    return float(sum(np.hypot(*np.diff(p, axis=1)).sum() for p in xy) * 255 / extent)
+    d = np.diff(xy, axis=1)
+    step = np.hypot(d[0], d[1])  # (N-1,)
+    step[np.cumsum([len(stroke[0]) for stroke in strokes[:-1]], dtype=np.int64) - 1] = 0  # no ink between strokes
+    return float(step.sum() * 255 / extent)
 
 
 def strokes_to_bitmap(strokes: list[list[list[float]]]) -> np.ndarray:
     """Raw canvas strokes [[x...], [y...](, [t...])] -> uint8 (28,28), as the official data was made."""
     try:
-        return render(simplify(strokes), side=SIDE)
+        return render_raw(strokes, side=SIDE)
     except (ValueError, ArithmeticError) as e:
         raise InputError(f"strokes cannot be drawn: {e}") from e
 
@@ -209,6 +212,7 @@ class Drawing(BaseModel):
 class PredictRequest(Drawing):
     """Body of POST /predict: one drawing, or a batch of them under "drawings"."""
     kinds: ClassVar[tuple[str, ...]] = ("strokes", "bitmap", "drawings")
+    _ink: float = PrivateAttr(0.0)  # ink_length(), as the validator found it
 
     drawings: Annotated[list[Drawing], Field(min_length=1, json_schema_extra={"maxItems": MAX_DRAWINGS},
                                              description=f"1 to {MAX_DRAWINGS} drawings, answered in order")] = None
@@ -250,7 +254,7 @@ class PredictRequest(Drawing):
 
     @model_validator(mode="after")
     def _ink_limit(self):
-        length = self.ink_length()
+        self._ink = length = self.ink_length()
         if length > MAX_INK_LENGTH:
             raise PydanticCustomError("too_large", f"strokes too long: they run {length:,.0f} units at the 0..255 "
                                       f"scale of a simplified drawing, at most {MAX_INK_LENGTH:,}")
@@ -290,24 +294,66 @@ class Drawings:
     top_k: int
     batch: bool
     allowed: np.ndarray | None = None  # int (A,) class indices the request allows, in its order; None: all
+    strokes: dict[int, list] = field(default_factory=dict)  # row -> raw strokes not drawn yet (draw_strokes)
 
 
-def read_drawings(body: bytes, classes: list[str], budget: float | None = None) -> Drawings:
+def read_drawings(body: bytes, classes: list[str], budget: float | None = None, draw: bool = True) -> Drawings:
     """A /predict body -> its bitmaps; InputError when it is wrong, Costly when drawing it would
-    resample more points than budget. classes: the model's class names."""
+    resample more points than budget. classes: the model's class names. draw=False leaves its strokes
+    for draw_strokes, which draws those of many requests at once."""
     n_classes = len(classes)
     try:
         request = PredictRequest.model_validate_json(body, context={"n_classes": n_classes, "classes": classes})
     except ValidationError as e:
         raise problems(e.errors(include_url=False, include_input=False)) from None
-    if budget is not None and request.ink_length() + sum(d.points() for d in request.items()) > budget:
+    items = request.items()
+    if budget is not None and request._ink + sum(d.points() for d in items) > budget:
         raise Costly
-    bitmaps = np.stack([d.to_bitmap() for d in request.items()])
-    if request.classes is None:
-        return Drawings(bitmaps, check_top_k(request.top_k, n_classes), request.drawings is not None)
-    allowed = np.array([classes.index(n) for n in request.classes])
-    return Drawings(bitmaps, min(check_top_k(request.top_k, n_classes), len(allowed)), request.drawings is not None,
-                    allowed)
+    bitmaps = np.zeros((len(items), SIDE, SIDE), np.uint8)
+    strokes = {}
+    for row, d in enumerate(items):
+        if d.strokes is None:
+            bitmaps[row] = d.to_bitmap()
+        else:
+            strokes[row] = d.strokes
+    top_k = check_top_k(request.top_k, n_classes)
+    allowed = None if request.classes is None else np.array([classes.index(n) for n in request.classes])
+    drawings = Drawings(bitmaps, top_k if allowed is None else min(top_k, len(allowed)), request.drawings is not None,
+                        allowed, strokes)
+    if draw and (error := draw_strokes([drawings])[0]):
+        raise error
+    return drawings
+
+
+def draw_strokes(many: list[Drawings]) -> list[InputError | None]:
+    """Draw the strokes left in many requests' Drawings, all in one simplification (utils.strokes.
+    render_raw_batch); per request None, or the InputError naming its drawing that cannot be drawn."""
+    rows = [(d, row, strokes) for d in many for row, strokes in d.strokes.items()]
+    try:
+        bitmaps = render_raw_batch([strokes for _, _, strokes in rows], side=SIDE)
+    except (ValueError, ArithmeticError):  # some drawing cannot be drawn: draw each alone to say which
+        return [_draw_each(d) for d in many]
+    for (d, row, _), bitmap in zip(rows, bitmaps):
+        d.bitmaps[row] = bitmap
+    for d in many:
+        d.strokes = {}
+    return [None] * len(many)
+
+
+def _draw_each(drawings: Drawings) -> InputError | None:
+    for row, strokes in drawings.strokes.items():
+        try:
+            drawings.bitmaps[row] = render_raw(strokes, side=SIDE)
+        except (ValueError, ArithmeticError) as e:
+            return InputError(f"{f'drawings[{row}].' if drawings.batch else ''}strokes cannot be drawn: {e}")
+    drawings.strokes = {}
+    return None
+
+
+def read_image(data: bytes, top_k: int, budget: float | None = None, draw: bool = True) -> Drawings:
+    """A /predict/image upload -> its bitmap as Drawings of one; Costly when it has more pixels than budget.
+    (draw: as read_drawings'; an image leaves nothing to draw.)"""
+    return Drawings(image_to_bitmap(data, budget)[None], top_k, False)
 
 
 def where(loc) -> str:

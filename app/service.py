@@ -1,6 +1,6 @@
-"""The classifier behind the API: a model loaded once (ONNX Runtime, or torch for a checkpoint),
-the workers that turn request bodies into 28x28 bitmaps off the event loop, and batched forward
-passes off it too."""
+"""The classifier behind the API: a model loaded once (ONNX Runtime, or torch for a checkpoint), the
+batcher that reads requests, draws them as 28x28 bitmaps and classifies them in one thread beside the
+event loop, and the worker processes for the costly ones."""
 from __future__ import annotations
 
 import asyncio
@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import anyio
-import anyio.to_thread
 import numpy as np
 
 from app.backends import Backend, ModelFileError, load_backend
-from app.inputs import SIDE, Costly, strokes_to_bitmap, worker_started
+from app.inputs import SIDE, Costly, Drawings, draw_strokes, strokes_to_bitmap, worker_started
 
 # An answer whose top probability is below this is flagged "unsure" (python -m app --unsure-below).
 # On the default model's validation split, drawings answered with less are right less than half the
@@ -85,36 +84,63 @@ class Classifier:
 
 @dataclass(eq=False)
 class _Job:
-    bitmaps: np.ndarray  # uint8 (N,28,28)
-    top_k: int
-    allowed: np.ndarray | None  # class indices the answer may name (None: all)
+    """One request in the batcher: its reading (done in the batch thread), then its rows."""
     future: asyncio.Future
+    read: Callable[..., Drawings] | None = None  # read(budget=..., draw=...) -> Drawings; Costly over budget
+    budget: float | None = None
+    drawings: Drawings | None = None
     start: int = 0       # rows already sent to a forward pass
     parts: list[np.ndarray] = field(default_factory=list)
+    error: BaseException | None = None
+    result: list[dict] | None = None
+
+    def rows(self) -> int:
+        return 1 if self.drawings is None else len(self.drawings.bitmaps) - self.start
 
 
 class Batcher:
-    """Forward passes in one thread beside the event loop, each on the drawings of every request
-    that arrived while the previous pass ran.
+    """Requests read, drawn and classified in one thread beside the event loop, in batches: each pass
+    takes every request that arrived while the previous pass ran, reads and draws them, and classifies
+    all their drawings in one forward pass.
 
+    A request costs the event loop one hand-off to the thread and one answer back, whatever it holds.
     A pass on 16 drawings costs little more than on one, so under load the requests share passes.
     A pass takes at most max_rows drawings: the rest of a large batch waits behind the requests
     that arrived during the pass, so that a large batch delays a small request by one pass at most.
+    Reading a request that costs more than its light budget raises Costly in the thread, after only
+    its cheap checks; it is then read by a worker process (Workers) and comes back as bitmaps.
     """
 
-    def __init__(self, classifier: Classifier, max_rows: int = 64):
+    def __init__(self, classifier: Classifier, workers: Workers | None = None, max_rows: int = 64):
         self.classifier, self.max_rows = classifier, max_rows
+        self.workers = workers or Workers()
         self.waiting: deque[_Job] = deque()
         self.running = False
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # both runtimes compute without the GIL
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="batch")  # both runtimes compute without the GIL
 
-    async def predict(self, bitmaps: np.ndarray, top_k: int, allowed: np.ndarray | None = None) -> list[dict]:
+    async def predict(self, read: Callable[..., Drawings], light_budget: float | None) -> tuple[Drawings, list[dict]]:
+        """read(budget=..., draw=...) -> Drawings (app.inputs.read_drawings or read_image), then per drawing
+        its top_k labels (among the allowed classes) and unsure flag. read runs in the batch thread within
+        light_budget, its strokes drawn with those of the other requests of the pass; over it, or with
+        light_budget None, in a worker process."""
+        if light_budget is not None:
+            try:
+                return await self._submit(_Job(asyncio.get_running_loop().create_future(), read, light_budget))
+            except Costly:
+                pass
+        drawings = await self.workers.run(read)
+        return await self._submit(_Job(asyncio.get_running_loop().create_future(), drawings=drawings))
+
+    async def predict_bitmaps(self, bitmaps: np.ndarray, top_k: int, allowed: np.ndarray | None = None) -> list[dict]:
         """uint8 (N,28,28) -> per drawing its top_k labels (among `allowed` class indices) and unsure flag."""
-        job = _Job(bitmaps, top_k, allowed, asyncio.get_running_loop().create_future())
+        job = _Job(asyncio.get_running_loop().create_future(), drawings=Drawings(bitmaps, top_k, True, allowed))
+        return (await self._submit(job))[1]
+
+    def _submit(self, job: _Job) -> asyncio.Future:
         self.waiting.append(job)
         if not self.running:
             self._next()
-        return await job.future
+        return job.future
 
     def _next(self) -> None:
         taken, rows = [], 0
@@ -122,45 +148,68 @@ class Batcher:
             job = self.waiting.popleft()
             if job.future.done():  # cancelled: its client went away
                 continue
-            n = min(len(job.bitmaps) - job.start, self.max_rows - rows)
-            taken.append((job, job.start, job.start + n))
-            job.start, rows = job.start + n, rows + n
+            taken.append(job)
+            rows += job.rows()  # a request not read yet counts as one
         self.running = bool(taken)
         if taken:
-            batch = np.concatenate([job.bitmaps[a:b] for job, a, b in taken])
-            done = asyncio.get_running_loop().run_in_executor(self.thread, self.classifier.probabilities, batch)
+            done = asyncio.get_running_loop().run_in_executor(self.thread, self._pass, taken)
             done.add_done_callback(lambda f: self._finish(taken, f))
 
-    def _finish(self, taken: list, done: asyncio.Future) -> None:
-        error = done.exception()
+    def _pass(self, taken: list[_Job]) -> None:
+        """In the batch thread: read the requests not read yet and draw their strokes (all at once), then
+        one forward pass on at most max_rows drawings."""
+        fresh = []
+        for job in taken:
+            if job.drawings is None:
+                try:
+                    job.drawings = job.read(budget=job.budget, draw=False)
+                    fresh.append(job)
+                except Exception as e:  # Costly, or what is wrong with the input: that request's answer
+                    job.error = e
+        for job, error in zip(fresh, draw_strokes([job.drawings for job in fresh])):
+            job.error = error
+        slices, rows = [], 0
+        for job in taken:
+            if job.error is None and rows < self.max_rows:
+                n = min(job.rows(), self.max_rows - rows)
+                slices.append((job, job.start, job.start + n))
+                job.start, rows = job.start + n, rows + n
+        if not slices:
+            return
+        try:
+            probabilities = self.classifier.probabilities(np.concatenate([j.drawings.bitmaps[a:b] for j, a, b in slices]))
+        except Exception as e:  # every request in the pass learns of it; the service keeps going
+            for job, _, _ in slices:
+                job.error = e
+            return
         start = 0
-        for job, a, b in taken:
-            if job.future.done():
-                pass
-            elif error is not None:  # every request in the pass learns of it; the service keeps going
-                job.future.set_exception(error)
-            else:
-                job.parts.append(done.result()[start:start + b - a])
-                if b == len(job.bitmaps):
-                    job.future.set_result(self.classifier.top(np.concatenate(job.parts), job.top_k, job.allowed))
+        for job, a, b in slices:
+            job.parts.append(probabilities[start:start + b - a])
             start += b - a
-            if b < len(job.bitmaps) and not job.future.done():  # behind the requests that came meanwhile
+            if b == len(job.drawings.bitmaps):
+                d = job.drawings
+                job.result = self.classifier.top(np.concatenate(job.parts), d.top_k, d.allowed)
+
+    def _finish(self, taken: list[_Job], done: asyncio.Future) -> None:
+        failure = done.exception()  # not raised by a request or the model: a fault of the batcher itself
+        for job in taken:
+            if job.future.done():
+                continue
+            if failure is not None or job.error is not None:
+                job.future.set_exception(failure or job.error)
+            elif job.result is not None:
+                job.future.set_result((job.drawings, job.result))
+            else:  # rows left: behind the requests that came meanwhile
                 self.waiting.append(job)
         self._next()
 
 
 class Workers:
-    """Where a request's CPU work runs: never on the event loop, and never more at once than bounded.
+    """Worker processes of lower CPU priority for the requests too costly for the batch thread: at
+    most `processes` at once, the rest wait their turn. Their parsing, drawing or decoding neither
+    holds the server's GIL nor takes the CPU from the ordinary requests."""
 
-    run(fn, ...) calls fn(..., budget=light_budget) in a thread (at most `threads` at once). An
-    input that costs more than that budget raises Costly there, after only its cheap checks, and is
-    then read again in full by a worker process of lower priority (at most `processes` at once,
-    the rest wait their turn): its parsing, drawing or decoding neither holds the server's GIL
-    nor takes the CPU from the ordinary requests.
-    """
-
-    def __init__(self, threads: int = 2, processes: int = 1):
-        self.light = anyio.CapacityLimiter(threads)
+    def __init__(self, processes: int = 1):
         self.heavy = anyio.CapacityLimiter(processes)
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
@@ -182,16 +231,11 @@ class Workers:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, fn: Callable, *args, light_budget: float | None):
-        """fn(*args, budget=...) off the event loop; light_budget None sends it to a process directly."""
-        if light_budget is not None:
-            try:
-                return await anyio.to_thread.run_sync(lambda: fn(*args, budget=light_budget), limiter=self.light)
-            except Costly:
-                pass
+    async def run(self, fn: Callable[..., Drawings]):
+        """fn(budget=None) in a worker process (fn must pickle: a module-level function or a partial of one)."""
         async with self.heavy:
             try:
-                return await asyncio.wrap_future(self.pool.submit(fn, *args, budget=None))
+                return await asyncio.wrap_future(self.pool.submit(fn, budget=None))
             except BrokenProcessPool:  # a worker died (killed from outside): the next request gets a new one
                 self.close()
                 raise

@@ -141,20 +141,26 @@ def du(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_symlink() and p.is_file())
 
 
+def serving_venv(venv: Path) -> dict:
+    """Create venv and install requirements-serve.txt into it (package index, no cache): the times, its
+    size on disk, its packages, and whether torch came along."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    create_seconds, _ = run([base, "-m", "venv", str(venv)])
+    python = str(venv / "bin" / "python")
+    install_seconds, _ = run([python, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                              "-q", "-r", str(PROJECT / "requirements-serve.txt")])
+    _, packages = run([python, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"])
+    _, has_torch = run([python, "-c", "import importlib.util; print(importlib.util.find_spec('torch') is not None)"])
+    return dict(create_seconds=create_seconds, install_seconds=install_seconds, bytes=du(venv),
+                packages={p["name"]: p["version"] for p in json.loads(packages)},
+                torch_installed=has_torch.strip() == "True")
+
+
 def fresh_venv(onnx_model: Path, checkpoint: Path) -> dict:
     """Install requirements-serve.txt into a new venv under /tmp; its cost, and a first prediction in it."""
     with tempfile.TemporaryDirectory(prefix="serve-venv-") as tmp:
         venv = Path(tmp) / "venv"
-        base = getattr(sys, "_base_executable", sys.executable)
-        create_seconds, _ = run([base, "-m", "venv", str(venv)])
-        python = str(venv / "bin" / "python")
-        install_seconds, _ = run([python, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-                                  "-q", "-r", str(PROJECT / "requirements-serve.txt")])
-        _, packages = run([python, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"])
-        _, has_torch = run([python, "-c", "import importlib.util; print(importlib.util.find_spec('torch') is not None)"])
-        serve = dict(create_seconds=create_seconds, install_seconds=install_seconds, bytes=du(venv),
-                     packages={p["name"]: p["version"] for p in json.loads(packages)}, torch_installed=has_torch.strip() == "True",
-                     onnx=first_prediction(python, onnx_model))
+        serve = serving_venv(venv) | dict(onnx=first_prediction(str(venv / "bin" / "python"), onnx_model))
     site = Path(torch.__file__).parents[1]
     # torch's own folder, and the CUDA libraries and compiler its default wheel brings along
     full = dict(site_packages_bytes=du(site), torch_bytes={name: du(site / name) for name in ("torch", "nvidia", "triton")

@@ -9,7 +9,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import httpx
 
@@ -30,18 +30,16 @@ def app_command(model: str | Path | None, host: str = "127.0.0.1", port: int = 8
 
 
 @contextmanager
-def running_server(model: str | Path | None, *extra: str, host: str = "127.0.0.1", timeout: float = 60.0,
-                   env: dict | None = None, python: str = sys.executable) -> Iterator[str]:
-    """Yield the base URL ("http://127.0.0.1:PORT") of a started server; stop it on exit.
-    env: variables added to the server's environment."""
+def app_process(model: str | Path | None, *extra: str, host: str = "127.0.0.1", env: dict | None = None,
+                python: str = sys.executable) -> Iterator[tuple[subprocess.Popen, str, IO[bytes]]]:
+    """`python -m app` started on a free local port: (the process, its base URL, its log file), not yet
+    answering; stopped on exit. env: variables added to the server's environment."""
     port = free_port(host)
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen(app_command(model, host, port, *extra, python=python), cwd=PROJECT_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
-        url = f"http://{host}:{port}"
         try:
-            _wait_healthy(proc, url, timeout, log)
-            yield url
+            yield proc, f"http://{host}:{port}", log
         finally:
             proc.terminate()
             try:
@@ -49,6 +47,16 @@ def running_server(model: str | Path | None, *extra: str, host: str = "127.0.0.1
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def running_server(model: str | Path | None, *extra: str, host: str = "127.0.0.1", timeout: float = 60.0,
+                   env: dict | None = None, python: str = sys.executable) -> Iterator[str]:
+    """Yield the base URL ("http://127.0.0.1:PORT") of a started server; stop it on exit.
+    env: variables added to the server's environment."""
+    with app_process(model, *extra, host=host, env=env, python=python) as (proc, url, log):
+        _wait_healthy(proc, url, timeout, log)
+        yield url
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log) -> None:

@@ -113,11 +113,13 @@ def shapes_onnx_classifier(shapes_onnx):
 
 
 @contextmanager
-def serving(app, config: ServiceConfig):
-    """Yield the URL of app served by uvicorn (as python -m app serves it) in a thread, on 127.0.0.1."""
+def serving(app, config: ServiceConfig, **options):
+    """Yield the URL of app served by uvicorn (as python -m app serves it) in a thread, on 127.0.0.1.
+    options: more of app.server.uvicorn_config's (http="h11", ...)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1], config, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1], config, log_level="warning",
+                                           **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

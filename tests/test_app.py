@@ -1,6 +1,7 @@
 """The web API: in process through TestClient(create_app(...)) for what it answers, on a real socket
 for slow clients, and once as `python -m app` in a subprocess."""
 import asyncio
+import importlib.util
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import threading
 import tracemalloc
 import zlib
+from functools import partial
 
 import httpx
 import jsonschema_rs
@@ -21,13 +23,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import app.api
+import app.inputs
 from app.__main__ import parse_args
 from testkit.agreement import agreement, batches, bitmap_categories, train_bitmap_model
 from app.api import ServiceConfig, create_app
-from app.inputs import (MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, Costly, InputError, image_to_bitmap,
-                        ink_length, read_drawings)
+from app.inputs import (MAX_BODY_BYTES, MAX_DRAWINGS, MAX_INK_LENGTH, MAX_POINTS, MAX_STROKES, Costly, InputError,
+                        draw_strokes, image_to_bitmap, ink_length, read_drawings)
 from testkit.launch import app_command, free_port, running_server
-from app.service import Batcher, Workers
+from app.server import PROTOCOLS, uvicorn_config
+from app.service import Batcher, Classifier, Workers
 from tests.conftest import SHAPES, serving, shape_strokes
 from utils.checkpoint import load_checkpoint
 from utils.data import to_float
@@ -386,8 +390,8 @@ def test_model_failure_reaches_every_request_still_waiting():
 
     async def scenario():
         batcher = Batcher(Failing())
-        left = asyncio.ensure_future(batcher.predict(np.zeros((1, 28, 28), np.uint8), 1))
-        stays = asyncio.ensure_future(batcher.predict(np.zeros((2, 28, 28), np.uint8), 1))
+        left = asyncio.ensure_future(batcher.predict_bitmaps(np.zeros((1, 28, 28), np.uint8), 1))
+        stays = asyncio.ensure_future(batcher.predict_bitmaps(np.zeros((2, 28, 28), np.uint8), 1))
         await asyncio.sleep(0)  # both wait for the same forward pass
         left.cancel()  # its client went away
         with pytest.raises(RuntimeError, match="model failed"):
@@ -395,6 +399,72 @@ def test_model_failure_reaches_every_request_still_waiting():
     asyncio.run(scenario())
 
 
+
+
+def test_requests_in_flight_together_share_passes_and_each_gets_its_own_answer(shapes_onnx_classifier):
+    """Micro-batching: 20 requests sent at once (single drawings, batches, a class filter, a costly one
+    and a wrong one) take a few forward passes, and each answer is what its drawings get alone."""
+    classifier, passes = shapes_onnx_classifier, []
+
+    class Counting:
+        classes = classifier.classes
+        top = classifier.top
+
+        def probabilities(self, bitmaps):
+            passes.append(len(bitmaps))
+            return classifier.probabilities(bitmaps)
+
+    names = list(SHAPES) * 3
+    requests = [({"strokes": drawing(name, seed)}, [drawing(name, seed)]) for seed, name in enumerate(names[:14])]
+    requests += [({"drawings": [{"strokes": drawing(n, 40 + i)} for i, n in enumerate(SHAPES[:3])], "top_k": 2},
+                  [drawing(n, 40 + i) for i, n in enumerate(SHAPES[:3])]),
+                 ({"strokes": drawing("plus", 50), "classes": ["circle", "line"]}, [drawing("plus", 50)]),
+                 ({"drawings": [{"bitmap": render(simplify(drawing("square", 51))).ravel().tolist()}]},
+                  [drawing("square", 51)]),
+                 (ZIGZAG, [ZIGZAG["strokes"]]),  # over the light budget: drawn in a worker process
+                 ({"strokes": [[[0, 1], [0]]]}, None)]  # wrong: its own 422, nobody else's
+
+    async def scenario():
+        workers = Workers(processes=1)
+        batcher = Batcher(Counting(), workers)
+        try:
+            return await asyncio.gather(*(batcher.predict(partial(read_drawings, json.dumps(body).encode(),
+                                                                  classifier.classes), ServiceConfig().light_points)
+                                          for body, _ in requests), return_exceptions=True)
+        finally:
+            workers.close()
+    answers = asyncio.run(scenario())
+    assert isinstance(answers[-1], InputError) and answers[-1].status == 422
+    for (body, strokes), answer in zip(requests[:-1], answers[:-1]):
+        drawings, results = answer
+        allowed = None if "classes" not in body else np.array([classifier.classes.index(c) for c in body["classes"]])
+        alone = [classifier.top(classifier.probabilities(render(simplify(s))[None]), drawings.top_k, allowed)[0]
+                 for s in strokes]
+        assert [r["predictions"][0]["label"] for r in results] == [r["predictions"][0]["label"] for r in alone]
+        for got, want in zip(results, alone):
+            assert {p["label"] for p in got["predictions"]} == {p["label"] for p in want["predictions"]}
+            want_p = {p["label"]: p["probability"] for p in want["predictions"]}
+            assert all(abs(p["probability"] - want_p[p["label"]]) < 1e-5 for p in got["predictions"])
+    drawn = sum(len(strokes) for _, strokes in requests[:-1])
+    assert sum(passes) == drawn and len(passes) <= 4  # the first request's pass, then the rest together
+
+
+def test_a_drawing_that_cannot_be_drawn_fails_only_its_request(monkeypatch):
+    failing = {"strokes": [[[0, 5e14], [0, 1]]]}
+    real = app.inputs.render_raw
+
+    def fussy(strokes, side):
+        if strokes == failing["strokes"]:
+            raise ValueError("out of range")
+        return real(strokes, side=side)
+    monkeypatch.setattr(app.inputs, "render_raw", fussy)
+    monkeypatch.setattr(app.inputs, "render_raw_batch", lambda many, side: [fussy(s, side) for s in many])
+    good = read_drawings(json.dumps({"strokes": drawing("line")}).encode(), list(SHAPES), draw=False)
+    bad = read_drawings(json.dumps({"drawings": [{"strokes": drawing("line")}, failing]}).encode(), list(SHAPES),
+                        draw=False)
+    errors = draw_strokes([good, bad])
+    assert errors[0] is None and good.bitmaps.any() and not good.strokes
+    assert "drawings[1].strokes cannot be drawn: out of range" in str(errors[1])
 
 
 # --- costs bounded, and off the event loop ---------------------------------------------------------------
@@ -419,12 +489,12 @@ def _pid(budget=None):
 
 def test_workers_run_costly_work_in_another_process():
     async def scenario():
-        workers = Workers(threads=1, processes=1)
+        workers = Workers(processes=1)
         try:
-            return await workers.run(_pid, light_budget=1), await workers.run(_pid, light_budget=None)
+            return await workers.run(_pid)
         finally:
             workers.close()
-    assert all(pid != os.getpid() for pid in asyncio.run(scenario()))
+    assert asyncio.run(scenario()) != os.getpid()
 
 
 def test_health_answers_while_a_request_is_being_read(shapes_classifier, monkeypatch):
@@ -467,9 +537,9 @@ def test_forward_passes_run_beside_the_event_loop_and_split_large_batches():
 
     async def scenario():
         batcher = Batcher(Held(), max_rows=64)
-        large = asyncio.ensure_future(batcher.predict(np.zeros((200, 28, 28), np.uint8), 1))
+        large = asyncio.ensure_future(batcher.predict_bitmaps(np.zeros((200, 28, 28), np.uint8), 1))
         await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)  # the loop runs meanwhile
-        small = asyncio.ensure_future(batcher.predict(np.zeros((1, 28, 28), np.uint8), 1))
+        small = asyncio.ensure_future(batcher.predict_bitmaps(np.zeros((1, 28, 28), np.uint8), 1))
         release.set()
         assert await asyncio.wait_for(small, 30) == [[1]]
         assert not large.done()  # the small request did not wait for the whole batch
@@ -561,11 +631,20 @@ def test_openapi_states_every_answer_and_the_request_rule(client):
 
 # --- slow clients --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def impatient_server(shapes_classifier):
+@pytest.fixture(scope="module", params=sorted(PROTOCOLS))
+def impatient_server(request, shapes_classifier):
+    """The app with 1 s timeouts, on each HTTP parser installed (h11, and httptools where it is)."""
     config = ServiceConfig(body_timeout=1.0, idle_timeout=1.0)
-    with serving(create_app(shapes_classifier, config), config) as url:
+    with serving(create_app(shapes_classifier, config), config, http=request.param) as url:
         yield url
+
+
+def test_the_fastest_parser_and_loop_installed_serve_by_default():
+    config = uvicorn_config("app.api:create_app", "127.0.0.1", 8000, ServiceConfig())
+    fastest = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    assert config.http.func is PROTOCOLS[fastest] and config.loop == "auto"  # auto: uvloop where installed
+    with pytest.raises(ValueError, match="not installed"):
+        uvicorn_config("app.api:create_app", "127.0.0.1", 8000, ServiceConfig(), http="picohttp")
 
 
 def raw_connection(url: str) -> socket.socket:

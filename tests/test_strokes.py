@@ -1,6 +1,7 @@
 import json
 import math
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -221,8 +222,86 @@ def test_simplify_keeps_lone_points_as_two_point_strokes():
     assert out == [[[0, 255], [0, 0]], [[128, 128], [102, 102]]]  # 127.5 rounds half to even
 
 
+def reference_simplify(raw, epsilon=2.0):
+    """The simplification one stroke and one RDP split at a time, as the official data was made: the
+    reference the vectorized utils.strokes.simplify must match point for point."""
+    xy = np.concatenate([np.asarray(s, dtype=np.float64)[:2] for s in raw], axis=1)
+    xy = xy - xy.min(axis=1, keepdims=True)
+    extent = xy.max()
+    if extent > 0:
+        xy = xy * 255.0 / extent
+    out = []
+    for p in np.split(xy.T, np.cumsum([len(s[0]) for s in raw])[:-1]):
+        d = np.diff(p, axis=0)
+        length = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
+        a, b, length = p[:-1][length > 0], p[1:][length > 0], length[length > 0]
+        if len(length):
+            end = np.cumsum(length)
+            start = np.concatenate(([0.0], end[:-1]))
+            samples = np.arange(1.0, np.floor(end[-1]) + 1.0)
+            j = np.searchsorted(end, samples)
+            f = ((samples - start[j]) / length[j])[:, None]
+            p = np.concatenate([p[:1], a[j] * (1.0 - f) + b[j] * f] + ([p[-1:]] if len(samples) == 0 or
+                                                                       (a[j[-1]] * (1.0 - f[-1]) + b[j[-1]] * f[-1] != p[-1]).any() else []))
+        else:
+            p = p[:1]
+        keep = np.zeros(len(p), dtype=bool)
+        keep[[0, -1]] = True
+        spans = [(0, len(p) - 1)]
+        while spans:
+            i, k = spans.pop()
+            if k - i < 2:
+                continue
+            q, (dx, dy) = p[i + 1:k], p[k] - p[i]
+            if dx == 0 and dy == 0:
+                dist = np.sqrt((q[:, 0] - p[i, 0]) ** 2 + (q[:, 1] - p[i, 1]) ** 2)
+            else:
+                dist = np.abs(dx * (p[i, 1] - q[:, 1]) - dy * (p[i, 0] - q[:, 0])) / np.sqrt(dx * dx + dy * dy)
+            m = int(np.argmax(dist))
+            if dist[m] > epsilon:
+                keep[i + 1 + m] = True
+                spans += [(i, i + 1 + m), (i + 1 + m, k)]
+        kept = np.round(p[keep]).astype(int)
+        kept = kept if len(kept) > 1 else np.concatenate([kept, kept])
+        out.append([kept[:, 0].tolist(), kept[:, 1].tolist()])
+    return out
+
+
+EDGE_CASES = [DOT, [[[5, 5, 5], [1, 1, 1]]], [[[0, 0.3], [0, 0.2]], [[10, 10], [10, 10]]],
+              [[[0, 100], [0, 0]], [[3], [4]]], [[[0, 100, 0], [0, 0, 0]]],  # back on itself: a closed span
+              [[[0, 0, 0, 0], [0, 1, 0, 1]]], [[[0, 255, 0, 255], [0, 0, 0, 0]], [[7], [7]], [[1, 2, 1], [5, 5, 5]]]]
+
+
+def test_simplify_matches_the_stroke_by_stroke_reference():
+    drawings = [random_raw(seed, n_strokes=1 + seed % 4, n_points=5 + 17 * seed) for seed in range(12)] + EDGE_CASES
+    for drawing in drawings:
+        assert simplify(drawing) == reference_simplify(drawing)
+
+
+def test_simplify_matches_the_reference_on_every_raw_drawing_of_the_mirror(shared_dir):
+    drawings = [r["drawing"] for path in sorted((shared_dir / "full" / "raw").glob("*.ndjson"))
+                for r in read_ndjson(path)]
+    assert len(drawings) > 9000
+    differ = [i for i, d in enumerate(drawings) if simplify(d) != reference_simplify(d)]
+    assert differ == []
+
+
+def test_render_raw_batch_draws_each_drawing_as_render_of_simplify_one_by_one():
+    drawings = [random_raw(seed, n_strokes=1 + seed % 3) for seed in range(8)] + EDGE_CASES
+    alone = np.stack([render(simplify(d)) for d in drawings])
+    assert np.array_equal(strokes.render_raw_batch(drawings), alone)
+    assert np.array_equal(strokes.render_raw_batch(drawings[::-1]), alone[::-1])  # no drawing leaks into another
+    assert all(np.array_equal(strokes.render_raw(d), a) for d, a in zip(drawings, alone))
+    assert strokes.render_raw_batch([]).shape == (0, SIDE, SIDE)
+    with pytest.raises(ValueError, match=r"drawing 2: stroke 0 has NaN"):
+        strokes.render_raw_batch(drawings[:2] + [[[[0, float("nan")], [0, 1]]]])
+    with pytest.raises(ValueError, match=r"drawing 1: the drawing spans more than a float can hold"):
+        strokes.render_raw_batch([DOT, [[[-1e308, 1e308], [0, 0]]]])
+
+
 def test_simplify_works_without_cairo_and_render_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cairocffi", None)  # import cairocffi -> ImportError
+    monkeypatch.setattr(strokes, "_canvases", threading.local())  # no canvas made before in this thread
     assert simplify(HLINE) == HLINE
     with pytest.raises(ImportError, match=r"apt-get install libcairo2.*pip install cairocffi"):
         render(HLINE)

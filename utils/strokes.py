@@ -16,6 +16,7 @@ import argparse
 import difflib
 import itertools
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -137,65 +138,128 @@ def _explain(i: int, stroke) -> None:
 # simplification: align to 0, scale to 0..255, resample every 1 unit, RDP at 2.0, round
 # The arithmetic below (operation order, sqrt of squares, lerp form, first farthest point,
 # round half to even) is what reproduces the official simplified files point for point.
+# Every stroke of a drawing goes through the same numpy calls, and RDP splits every span of a
+# level at once: a drawing costs a few dozen numpy calls, not a few dozen per stroke and per split.
 
 
-def _resample(p: np.ndarray) -> np.ndarray:
-    """Points every 1 unit of arc length from the first point, then the last point. (n, 2)."""
-    d = np.diff(p, axis=0)
+def _resample(p: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each stroke of p (N, 2) (lengths (S,) points each) resampled: its first point, points every
+    1 unit of its arc length from there, then its last point. -> points (R, 2) and counts (S,)."""
+    starts = np.cumsum(lengths) - lengths
+    d = np.diff(p, axis=0)                         # (N-1, 2): segment k runs from point k to k+1
     length = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
     moving = length > 0
-    a, b, length = p[:-1][moving], p[1:][moving], length[moving]
-    if len(length) == 0:
-        return p[:1]
-    end = np.cumsum(length)                   # arc length at each segment's end
-    start = np.concatenate(([0.0], end[:-1]))
-    s = np.arange(1.0, np.floor(end[-1]) + 1.0)
-    j = np.searchsorted(end, s)               # segment holding each sample
-    f = ((s - start[j]) / length[j])[:, None]
-    out = np.concatenate([p[:1], a[j] * (1.0 - f) + b[j] * f])
-    if (out[-1] != p[-1]).any():
-        out = np.concatenate([out, p[-1:]])
-    return out
-
-
-def _rdp(p: np.ndarray, epsilon: float) -> np.ndarray:
-    """Ramer-Douglas-Peucker on (n, 2) points, distance to the infinite chord line; kept points."""
-    keep = np.zeros(len(p), dtype=bool)
-    keep[[0, -1]] = True
-    spans = [(0, len(p) - 1)]
-    while spans:
-        i, j = spans.pop()
-        if j - i < 2:
-            continue
-        a, q = p[i], p[i + 1:j]
-        dx, dy = p[j] - a
-        if dx == 0 and dy == 0:  # closed span: distance to its end point
-            ex, ey = q[:, 0] - a[0], q[:, 1] - a[1]
-            dist = np.sqrt(ex * ex + ey * ey)
+    moving[starts[1:] - 1] = False                 # no segment joins a stroke to the next
+    a, b, length = p[:-1][moving], p[1:][moving], length[moving]    # (M, 2), (M, 2), (M,)
+    segments = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[:-1][moving], minlength=len(lengths))
+    first = np.cumsum(segments) - segments         # (S,) each stroke's first moving segment
+    # arc length at each segment's end: one cumsum per stroke (a sum running on from the strokes
+    # before would round differently), and the samples 1, 2, ... along it
+    ends, samples, holders = [], [], []
+    for f, n in zip(first.tolist(), segments.tolist()):
+        if n:
+            end = np.cumsum(length[f:f + n])
+            s = np.arange(1.0, np.floor(end[-1]) + 1.0)
+            ends.append(end)
+            samples.append(s)
+            holders.append(np.searchsorted(end, s) + f)  # the segment holding each sample
         else:
-            dist = np.abs(dx * (a[1] - q[:, 1]) - dy * (a[0] - q[:, 0])) / np.sqrt(dx * dx + dy * dy)
-        k = int(np.argmax(dist))  # the first farthest point breaks ties, as the official data
-        if dist[k] > epsilon:
-            keep[i + 1 + k] = True
-            spans += [(i, i + 1 + k), (i + 1 + k, j)]
-    out = p[keep]
-    return out if len(out) > 1 else np.concatenate([out, out])  # a lone point stays a 2-point stroke
+            samples.append(np.empty(0))
+    count = np.array([len(s) for s in samples])    # (S,) samples per stroke
+    last = p[starts + lengths - 1]                 # (S, 2)
+    out_count = 1 + count + (segments > 0)         # first point, samples, last point (dropped below)
+    if ends:
+        end = np.concatenate(ends)
+        start = np.concatenate(([0.0], end[:-1]))
+        start[first[segments > 0]] = 0.0
+        s, j = np.concatenate(samples), np.concatenate(holders)
+        f = ((s - start[j]) / length[j])[:, None]
+        inner = a[j] * (1.0 - f) + b[j] * f        # (sum(count), 2)
+        before_last = p[starts]
+        before_last[count > 0] = inner[np.cumsum(count)[count > 0] - 1]
+        out_count -= (segments > 0) & (before_last == last).all(axis=1)  # the last sample is the last point
+    else:
+        inner = np.empty((0, 2))
+    out_start = np.cumsum(out_count) - out_count
+    out = np.empty((out_count.sum(), 2))
+    out[out_start] = p[starts]
+    out[np.repeat(out_start + 1 - (np.cumsum(count) - count), count) + np.arange(len(inner))] = inner
+    with_last = out_count > 1 + count
+    out[(out_start + out_count - 1)[with_last]] = last[with_last]
+    return out, out_count
+
+
+def _rdp(x: np.ndarray, y: np.ndarray, counts: np.ndarray, epsilon: float) -> np.ndarray:
+    """Ramer-Douglas-Peucker on each stroke of the points x, y (R,) (counts (S,) points each), distance
+    to the infinite chord line; -> the points kept, bool (R,). Each pass splits every open span."""
+    j = np.cumsum(counts) - 1
+    i = j - counts + 1
+    keep = np.zeros(len(x), dtype=bool)
+    keep[i] = keep[j] = True
+    wide = j - i >= 2
+    while wide.any():
+        i, j = i[wide], j[wide]
+        n = j - i - 1                              # (K,) points inside each span
+        off = np.cumsum(n) - n
+        at = np.arange(off[-1] + n[-1]) + np.repeat(i + 1 - off, n)  # (Q,) the inside points, span by span
+        ax, ay = x[i], y[i]
+        dx, dy = x[j] - ax, y[j] - ay              # (K,)
+        closed = (dx == 0) & (dy == 0)
+        norm = np.sqrt(dx * dx + dy * dy)
+        norm[closed] = 1.0
+        qx, qy = x[at], y[at]
+        ax, ay = np.repeat(ax, n), np.repeat(ay, n)
+        dist = np.abs(np.repeat(dx, n) * (ay - qy) - np.repeat(dy, n) * (ax - qx)) / np.repeat(norm, n)
+        if closed.any():                           # a closed span: distance to its end point
+            c = np.repeat(closed, n)
+            ex, ey = qx[c] - ax[c], qy[c] - ay[c]
+            dist[c] = np.sqrt(ex * ex + ey * ey)
+        top = np.maximum.reduceat(dist, off)       # (K,)
+        # the first farthest point breaks ties, as the official data
+        k = np.minimum.reduceat(np.where(dist == np.repeat(top, n), at, len(x)), off)
+        split = top > epsilon
+        k = k[split]
+        keep[k] = True
+        i, j = np.concatenate([i[split], k]), np.concatenate([k, j[split]])
+        wide = j - i >= 2
+    return keep
+
+
+def _simplify(drawings: Sequence[tuple[np.ndarray, list[int]]], epsilon: float = EPSILON) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Checked raw drawings, each its points (2, N) and stroke lengths -> each its simplified points
+    int64 (2, K) and stroke lengths (S,); a lone point stays a 2-point stroke. The drawings go through
+    the same numpy calls: many cost little more than one."""
+    sizes = np.array([xy.shape[1] for xy, _ in drawings])
+    first = np.cumsum(sizes) - sizes
+    xy = np.concatenate([xy for xy, _ in drawings], axis=1)  # (2, N)
+    with np.errstate(over="ignore"):  # a span past the float range is refused just below
+        xy = xy - np.repeat(np.minimum.reduceat(xy, first, axis=1), sizes, axis=1)  # each drawing aligned to 0
+    extent = np.maximum.reduceat(xy, first, axis=1).max(axis=0)  # (D,)
+    if not np.isfinite(extent).all():
+        where = f"drawing {int(np.argmin(np.isfinite(extent)))}: " if len(drawings) > 1 else ""
+        raise ValueError(f"{where}the drawing spans more than a float can hold")
+    # multiply first: halves like 127.5 come out exact; a drawing of one point stays at 0
+    xy = xy * EXTENT / np.repeat(np.where(extent > 0, extent, 1.0), sizes)
+    lengths = np.concatenate([np.asarray(n, dtype=np.int64) for _, n in drawings])
+    points, counts = _resample(xy.T, lengths)
+    keep = _rdp(points[:, 0].copy(), points[:, 1].copy(), counts, epsilon)
+    kept = np.add.reduceat(keep, np.cumsum(counts) - counts)  # (S,)
+    q = np.round(points[keep]).astype(np.int64)  # half to even
+    if (kept == 1).any():  # its first and last points are one: draw it twice
+        q = np.repeat(q, np.repeat(np.where(kept == 1, 2, 1), kept), axis=0)
+        kept = np.maximum(kept, 2)
+    strokes = np.cumsum([len(n) for _, n in drawings])[:-1]
+    kept = np.split(kept, strokes)
+    q = np.split(q.T, np.cumsum([k.sum() for k in kept])[:-1], axis=1)
+    return list(zip(q, kept))
 
 
 def simplify(raw_drawing, epsilon: float = EPSILON) -> list[list[list[int]]]:
     """Raw strokes (any units, times ignored) -> simplified [[xs], [ys]] per stroke, ints 0..255."""
-    xy, lengths = _strokes(raw_drawing)
-    xy = xy - xy.min(axis=1, keepdims=True)
-    extent = xy.max()
-    if not np.isfinite(extent):
-        raise ValueError("the drawing spans more than a float can hold")
-    if extent > 0:
-        xy = xy * EXTENT / extent  # multiply first: halves like 127.5 come out exact
-    out = []
-    for p in np.split(xy.T, np.cumsum(lengths)[:-1]):
-        q = np.round(_rdp(_resample(p), epsilon)).astype(np.int64)  # half to even
-        out.append([q[:, 0].tolist(), q[:, 1].tolist()])
-    return out
+    (q, kept), = _simplify([_strokes(raw_drawing)], epsilon)
+    xs, ys = q.tolist()
+    bounds = np.cumsum(kept).tolist()
+    return [[xs[a:b], ys[a:b]] for a, b in zip([0] + bounds[:-1], bounds)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +268,7 @@ def simplify(raw_drawing, epsilon: float = EPSILON) -> list[list[list[int]]]:
 
 class _Canvas:
     """A cairo surface and context set up as the official renderer, reused across drawings."""
+    broken = False
 
     def __init__(self, side: int):
         if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
@@ -247,25 +312,63 @@ class _Canvas:
             lib.cairo_stroke(ptr)  # one stroke() per stroke: overlaps add up as in the official data
             start = stop
         status = lib.cairo_status(ptr)
-        if status:
+        if status:  # a context in error stays in error: this canvas is not used again
+            self.broken = True
             raise RuntimeError(f"cairo: {self.ffi.string(lib.cairo_status_to_string(status)).decode()}")
         self.surface.flush()
         np.bitwise_and(self.pixels, 0xFF, out=out, casting="unsafe")
 
 
+_canvases = threading.local()  # per thread: a cairo context is not to be shared
+
+
+def _canvas(side: int) -> _Canvas:
+    """This thread's canvas of that side, made on first use (a surface costs as much as a small drawing);
+    sides over 256 get a new one each time, freed after the picture."""
+    if type(side) is not int or not 0 < side <= 256:
+        return _Canvas(side)  # which also refuses a bad side
+    found = getattr(_canvases, "by_side", None)
+    if found is None:
+        found = _canvases.by_side = {}
+    if side not in found or found[side].broken:
+        found[side] = _Canvas(side)
+    return found[side]
+
+
 def render(drawing, side: int = 28) -> np.ndarray:
     """A simplified drawing (0..255 units, ValueError outside) -> uint8 (side, side) bitmap, white ink on black."""
     xy, lengths = _simplified(drawing)
-    canvas = _Canvas(side)
+    canvas = _canvas(side)
     out = np.empty((canvas.side, canvas.side), dtype=np.uint8)
     canvas.draw(xy, lengths, out)
+    return out
+
+
+def render_raw(raw_drawing, side: int = 28, epsilon: float = EPSILON) -> np.ndarray:
+    """render(simplify(raw_drawing)) without the lists between them: raw strokes -> uint8 (side, side)."""
+    return render_raw_batch([raw_drawing], side, epsilon)[0]
+
+
+def render_raw_batch(raw_drawings: Sequence, side: int = 28, epsilon: float = EPSILON) -> np.ndarray:
+    """Many raw drawings -> uint8 (N, side, side), each as render(simplify(drawing)), simplified all
+    at once (a batch of drawings costs a few times one, not N times); errors name the drawing."""
+    canvas = _canvas(side)
+    checked = []
+    for i, drawing in enumerate(raw_drawings):
+        try:
+            checked.append(_strokes(drawing))
+        except ValueError as e:
+            raise ValueError(f"drawing {i}: {e}" if len(raw_drawings) > 1 else str(e)) from None
+    out = np.empty((len(checked), canvas.side, canvas.side), dtype=np.uint8)
+    for i, (q, kept) in enumerate(_simplify(checked, epsilon) if checked else ()):
+        canvas.draw(q, kept.tolist(), out[i])
     return out
 
 
 def render_batch(drawings: Iterable, side: int = 28) -> np.ndarray:
     """Many simplified drawings -> uint8 (N, side*side), one reused surface; errors name the index."""
     drawings = drawings if isinstance(drawings, Sequence) else list(drawings)
-    canvas = _Canvas(side)
+    canvas = _canvas(side)
     side = canvas.side
     out = np.empty((len(drawings), side, side), dtype=np.uint8)
     for i, drawing in enumerate(drawings):
