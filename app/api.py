@@ -39,6 +39,7 @@ class ServiceConfig:
     light_body_bytes: int = 16_384  # larger bodies go straight to a worker process
     light_points: int = 20_000    # points to resample (ink length + points) the batch thread draws; more: a process
     light_pixels: int = 262_144   # image pixels the batch thread decodes (512 x 512); more: a process
+    pass_rows: int = 16           # drawings per forward pass: what a large batch can delay a small request by
 
 
 # --- what the routes answer (for the OpenAPI document) ---------------------------------------------------
@@ -176,7 +177,7 @@ def create_app(classifier: Classifier, config: ServiceConfig | None = None) -> F
     config = config or ServiceConfig()
     n_classes = len(classifier.classes)
     workers = Workers(config.processes)
-    batcher = Batcher(classifier, workers)
+    batcher = Batcher(classifier, workers, config.pass_rows)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -111,7 +111,7 @@ class Batcher:
     its cheap checks; it is then read by a worker process (Workers) and comes back as bitmaps.
     """
 
-    def __init__(self, classifier: Classifier, workers: Workers | None = None, max_rows: int = 64):
+    def __init__(self, classifier: Classifier, workers: Workers | None = None, max_rows: int = 16):
         self.classifier, self.max_rows = classifier, max_rows
         self.workers = workers or Workers()
         self.waiting: deque[_Job] = deque()

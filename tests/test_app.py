@@ -426,7 +426,7 @@ def test_requests_in_flight_together_share_passes_and_each_gets_its_own_answer(s
 
     async def scenario():
         workers = Workers(processes=1)
-        batcher = Batcher(Counting(), workers)
+        batcher = Batcher(Counting(), workers, max_rows=64)
         try:
             return await asyncio.gather(*(batcher.predict(partial(read_drawings, json.dumps(body).encode(),
                                                                   classifier.classes), ServiceConfig().light_points)
