@@ -5,11 +5,14 @@ The 17 bitmap categories of the local mirror (../shared/quickdraw) are tiled to 
   1. pack: `python -m utils.pack` in a fresh process (page cache dropped first; inside a memory cgroup if
      --pack-limit-mb is given): seconds, MB/s written, peak resident memory (ru_maxrss), beside the peak of a
      process that only imports utils.pack (torch's libraries alone are about 500 MB of it);
-  2. disk: one sequential read of the train images file with 16 MB reads (cache dropped): the disk's speed;
+  2. disk: one sequential read of the train images file with 16 MB reads (cache dropped): the disk's speed,
+     measured before step 3 and again after step 4 (it varies from run to run; shares are of the mean); and
+     once with O_DIRECT reads as the pack reader makes them (4 MB, two in flight), the most that way gets;
   3. pack reader: PackedSplit.batches over whole epochs of the train split for --seconds or more, in a fresh
      process capped at --read-limit-mb (less than the split, so the page cache cannot hold it and every epoch
      comes from the disk): drawings/s and MB/s, against step 2;
-     then the same with the split in the page cache and no cap (the reader's own CPU cost);
+     then the same with the split in the page cache and no cap (the reader's own CPU cost); the reader goes
+     around the page cache (O_DIRECT) where the split is larger than the cache may keep, as under the cap;
   4. per-category memory maps: np.load(mmap_mode="r") per category and a random gather per batch (the route
      without a pack), same cap and duration;
   5. class mixing: a chi-square test of each of 1,000 batches' label counts against the class shares.
@@ -19,22 +22,27 @@ seed: one process with 2 threads, and torchrun with 2 processes (gloo, 1 thread 
 --lr-batch 256, so the same rate): images/s of both, and val and test top-1 (target: within 0.5 points).
 Caps use the cgroup v1 memory controller (/sys/fs/cgroup/memory, needs root); the page cache is dropped with
 /proc/sys/vm/drop_caches (root). Either missing is said in the printout and the report. Large files are deleted
-at the end unless --keep. Writes reports/bench_scale.json.
+at the end unless --keep. Writes reports/bench_scale.json; with --read-only, steps 2-5 alone on the pack a run with
+--keep left (packed first, untimed, if missing), reports/bench_scale_read.json.
 
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale --torchrun
+    flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale --read-only --keep   # steps 2-5 only
     .venv/bin/python -m benchmarks.bench_scale --rows 20000 --seconds 2     # a quick check
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +53,7 @@ from testkit.mirror import SHARED_DIR
 from utils.device import describe_machine, machine_info
 from utils.download import bitmap_path
 from utils.io import write_json
-from utils.pack import ROW, PackedSet
+from utils.pack import DIRECT_CHUNK, DIRECT_READS, ROW, PackedSet, PackError, _open_direct, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -66,6 +74,7 @@ class BenchConfig:
     read_limit_mb: int = 1024     # memory cgroup cap of the reading processes (less than the train split)
     mix_batches: int = 1000
     keep: bool = False
+    read_only: bool = False       # steps 2-5 only, on the pack left under data by a run with --keep (made if missing)
     recipe: str = "v2-tuned"      # --torchrun: the recipe both runs train
     global_batch: int = 256       # --torchrun: the recipe's batch, split over the ranks
     dry_run: bool = False         # --torchrun: two batches an epoch (a check of the plumbing, not a figure)
@@ -145,13 +154,33 @@ def tile(cfg: BenchConfig) -> int:
 
 # ------------------------------------------------------------------------------------------ child measurements
 
-def child_seq(path: str) -> dict:
-    """One sequential pass over a file with large reads: the disk's speed."""
-    buf = bytearray(SEQ_READ)
-    n, t0 = 0, time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while got := f.readinto(buf):
-            n += got
+def child_seq(path: str, direct: bool = False) -> dict:
+    """One sequential pass over a file with large reads: the disk's speed. direct: around the page cache
+    (O_DIRECT), in DIRECT_CHUNK reads DIRECT_READS at a time, as the pack reader reads a split the cache cannot
+    keep (None where the file system has no O_DIRECT)."""
+    if not direct:
+        buf = bytearray(SEQ_READ)
+        n, t0 = 0, time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while got := f.readinto(buf):
+                n += got
+        return dict(bytes=n, seconds=time.perf_counter() - t0)
+    fd = _open_direct(path)
+    if fd is None:
+        return None
+    local = threading.local()
+
+    def read(i: int) -> int:
+        if not hasattr(local, "buf"):
+            local.buf = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
+        return os.preadv(fd, [local.buf], i * DIRECT_CHUNK)
+
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(DIRECT_READS) as pool:
+            n = sum(pool.map(read, range(-(-os.fstat(fd).st_size // DIRECT_CHUNK))))
+    finally:
+        os.close(fd)
     return dict(bytes=n, seconds=time.perf_counter() - t0)
 
 
@@ -159,14 +188,14 @@ def child_pack_reader(path: str, batch_size: int, seconds: float) -> dict:
     """Whole epochs of the train split through PackedSplit.batches until `seconds` have passed."""
     train = PackedSet.open(path).train
     rows = batches = epochs = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         for x, y in train.batches(batch_size, epoch=epochs):
             rows += len(y)
             batches += 1
         epochs += 1
     return dict(rows=rows, batches=batches, epochs=epochs, seconds=time.perf_counter() - t0,
-                pixel_bytes=rows * ROW)
+                pixel_bytes=rows * ROW, direct=train.reads_directly(), cpu_seconds=time.process_time() - c0)
 
 
 def child_mmap(data: str, categories: list[str], batch_size: int, seconds: float, seed: int) -> dict:
@@ -210,25 +239,41 @@ def chi2_reject_rate(train, batch_size: int, n_batches: int, alpha: float = 0.01
 
 # ------------------------------------------------------------------------------------------ the run
 
+def prepared(cfg: BenchConfig, out: Path) -> bool:
+    """Whether <data> already holds the tiled sources and their finished pack for cfg (--read-only reuses them)."""
+    try:
+        ps = PackedSet.open(out)
+        tiled = [open_source(cfg.data, name, None).rows_in_file for name in cfg.categories]
+    except (PackError, ValueError, FileNotFoundError):
+        return False
+    return ps.classes == cfg.categories and ps.manifest["seed"] == cfg.seed and tiled == [cfg.rows] * len(tiled) \
+        and sum(ps.manifest["rows"].values()) == cfg.rows * len(tiled)
+
+
 def run(cfg: BenchConfig) -> dict:
     info = machine_info()
     print(f"machine: {describe_machine(info)}")
     data, out = Path(cfg.data), Path(cfg.data) / "packed" / "tiled"
-    need = 2.2 * len(cfg.categories) * cfg.rows * (ROW + 10)  # sources + pack, with room to spare
-    free = shutil.disk_usage(ROOT).free
-    if free < need + (5 << 30):
-        raise SystemExit(f"needs {need / 1e9:.1f} GB of disk and leaves 5 GB; {free / 1e9:.1f} GB free")
     total = len(cfg.categories) * cfg.rows
-    print(f"tiling {len(cfg.categories)} mirror categories to {cfg.rows:,} drawings each ({total:,}, "
-          f"{total * ROW / 1e9:.2f} GB) into {data}")
-    tile(cfg)
-    shutil.rmtree(out, ignore_errors=True)
+    reuse = cfg.read_only and prepared(cfg, out)
+    if reuse:
+        print(f"reading the pack already at {out} ({total:,} drawings, {total * ROW / 1e9:.2f} GB)")
+    else:
+        need = 2.2 * len(cfg.categories) * cfg.rows * (ROW + 10)  # sources + pack, with room to spare
+        free = shutil.disk_usage(ROOT).free
+        if free < need + (5 << 30):
+            raise SystemExit(f"needs {need / 1e9:.1f} GB of disk and leaves 5 GB; {free / 1e9:.1f} GB free")
+        print(f"tiling {len(cfg.categories)} mirror categories to {cfg.rows:,} drawings each ({total:,}, "
+              f"{total * ROW / 1e9:.2f} GB) into {data}")
+        tile(cfg)
+        shutil.rmtree(out, ignore_errors=True)
     report = dict(machine=info, config=asdict(cfg), tiled=dict(
         note="the mirror's real rows repeated in order to reach rows per category", drawings=total,
         bytes=total * ROW))
     tag = f"quickdraw_bench_{os.getpid()}"
-    pack_cg, read_cg = make_cgroup(tag + "_pack", cfg.pack_limit_mb), make_cgroup(tag + "_read", cfg.read_limit_mb)
-    report["cgroup"] = None if read_cg is None else dict(pack_limit_mb=cfg.pack_limit_mb or None,
+    pack_cg = None if cfg.read_only else make_cgroup(tag + "_pack", cfg.pack_limit_mb)
+    read_cg = make_cgroup(tag + "_read", cfg.read_limit_mb)
+    report["cgroup"] = None if read_cg is None else dict(pack_limit_mb=None if pack_cg is None else cfg.pack_limit_mb,
                                                          read_limit_mb=cfg.read_limit_mb)
     if read_cg is None:
         print("no memory cgroup could be made (not root, or no cgroup v1 memory controller): reads are not capped")
@@ -239,65 +284,105 @@ def run(cfg: BenchConfig) -> dict:
         report["page_cache_dropped"] = dropped
         if not dropped:
             print("the page cache could not be dropped (not root): first reads may come from memory")
-        # 1. pack
-        result, rss, seconds, cg_peak = run_child(
-            ["-m", "utils.pack", "--categories", ",".join(cfg.categories), "--data", str(data), "--out", str(out),
-             "--seed", str(cfg.seed), "--no-download", "--no-progress"], pack_cg)
-        ps = PackedSet.open(out)
-        pack_bytes = sum(f["bytes"] for f in ps.manifest["files"].values())
-        report["pack"] = dict(seconds=seconds, bytes=pack_bytes, mb_per_s=pack_bytes / 1e6 / seconds,
-                              drawings_per_s=total / seconds, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak,
-                              cgroup_limit_mb=cfg.pack_limit_mb or None, phases=ps.manifest["seconds"])
-        print(f"pack: {total:,} drawings, {pack_bytes / 1e9:.2f} GB in {seconds:.1f} s ({pack_bytes / 1e6 / seconds:.0f} "
-              f"MB/s written; sources hashed in {ps.manifest['seconds']['hash_sources']:.1f} s), peak RSS "
-              f"{rss / 2**20:.0f} MiB ({(rss - base_rss) / 2**20:.0f} MiB above importing it)" +
-              (f", in a cgroup capped at {cfg.pack_limit_mb} MiB" if pack_cg else ""))
-        train_file = out / "train.images.npy"
-        train_bytes = train_file.stat().st_size
-        # 2. the disk
-        drop_caches()
-        seq, rss, _, _ = run_child(["-m", "benchmarks.bench_scale", "--child", "seq", str(train_file)], read_cg)
-        seq_mb = seq["bytes"] / 1e6 / seq["seconds"]
-        report["disk_sequential"] = dict(seq, mb_per_s=seq_mb, drawings_per_s=seq["bytes"] / ROW / seq["seconds"])
-        print(f"disk: one sequential read of {train_file.name} ({train_bytes / 1e9:.2f} GB): {seq_mb:.0f} MB/s "
-              f"({seq['bytes'] / ROW / seq['seconds']:,.0f} drawings/s)")
-        # 3. pack reader, 4. per-category maps
-        for key, args in (
-                ("pack_reader", ["--child", "read", str(out)]),
-                ("category_mmap", ["--child", "mmap", str(data), ",".join(cfg.categories)])):
-            drop_caches()
-            r, rss, _, cg_peak = run_child(["-m", "benchmarks.bench_scale", *args, "--batch-size",
-                                            str(cfg.batch_size), "--seconds", str(cfg.seconds)], read_cg)
-            mb = r["pixel_bytes"] / 1e6 / r["seconds"]
-            report[key] = dict(r, drawings_per_s=r["rows"] / r["seconds"], mb_per_s=mb,
-                               share_of_sequential=mb / seq_mb, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak)
-            epochs = f", {r['epochs']} epochs" if "epochs" in r else ""
-            print(f"{key}: {r['rows']:,} drawings in {r['seconds']:.1f} s{epochs}: {r['rows'] / r['seconds']:,.0f} "
-                  f"drawings/s, {mb:.0f} MB/s = {mb / seq_mb:.0%} of sequential; peak RSS {rss / 2**20:.0f} MiB"
-                  + (f", cgroup peak {cg_peak / 2**20:.0f} MiB of {cfg.read_limit_mb}" if cg_peak else ""))
-        # The same reader with the split in the page cache and no cap: what it costs in CPU alone.
-        child_seq(str(train_file))
-        r, rss, _, _ = run_child(["-m", "benchmarks.bench_scale", "--child", "read", str(out), "--batch-size",
-                                  str(cfg.batch_size), "--seconds", str(cfg.seconds)], None)
-        mb = r["pixel_bytes"] / 1e6 / r["seconds"]
-        report["pack_reader_cached"] = dict(r, drawings_per_s=r["rows"] / r["seconds"], mb_per_s=mb, peak_rss_bytes=rss)
-        print(f"pack_reader from the page cache, no cap: {r['rows'] / r['seconds']:,.0f} drawings/s, {mb:.0f} MB/s")
-        report["pack_reader"]["target_share"] = 0.7
-        report["pack_reader"]["meets_target"] = report["pack_reader"]["share_of_sequential"] >= 0.7
-        # 5. class mixing
-        mix = chi2_reject_rate(ps.train, cfg.batch_size, cfg.mix_batches)
-        mix["meets_target"] = mix["rate"] <= 0.02
-        report["class_mixing"] = mix
-        print(f"class mixing: {mix['rejected']} of {mix['batches']} batches of {cfg.batch_size} rejected by a "
-              f"chi-square test at the 1% level ({mix['rate']:.1%}; target at most 2%)")
+        pack_args = ["-m", "utils.pack", "--categories", ",".join(cfg.categories), "--data", str(data), "--out",
+                     str(out), "--seed", str(cfg.seed), "--no-download", "--no-progress"]
+        if cfg.read_only:
+            if not reuse:
+                run_child(pack_args, None)
+                print("packed it first (not timed: --read-only measures the reading only)")
+        else:  # 1. pack
+            result, rss, seconds, cg_peak = run_child(pack_args, pack_cg)
+            ps = PackedSet.open(out)
+            pack_bytes = sum(f["bytes"] for f in ps.manifest["files"].values())
+            report["pack"] = dict(seconds=seconds, bytes=pack_bytes, mb_per_s=pack_bytes / 1e6 / seconds,
+                                  drawings_per_s=total / seconds, peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak,
+                                  cgroup_limit_mb=cfg.pack_limit_mb or None, phases=ps.manifest["seconds"])
+            print(f"pack: {total:,} drawings, {pack_bytes / 1e9:.2f} GB in {seconds:.1f} s "
+                  f"({pack_bytes / 1e6 / seconds:.0f} MB/s written; sources hashed in "
+                  f"{ps.manifest['seconds']['hash_sources']:.1f} s), peak RSS "
+                  f"{rss / 2**20:.0f} MiB ({(rss - base_rss) / 2**20:.0f} MiB above importing it)" +
+                  (f", in a cgroup capped at {cfg.pack_limit_mb} MiB" if pack_cg else ""))
+        report.update(measure_reads(cfg, data, out, read_cg))
     finally:
         for cg in (pack_cg, read_cg):
             if cg is not None:
                 cg.rmdir()
         if not cfg.keep:
             shutil.rmtree(data, ignore_errors=True)
-    write_json(ROOT / "reports" / "bench_scale.json", report, indent=1)
-    print(f"wrote reports/bench_scale.json{'' if cfg.keep else f'; deleted {data}'}")
+    name = "bench_scale_read.json" if cfg.read_only else "bench_scale.json"
+    write_json(ROOT / "reports" / name, report, indent=1)
+    print(f"wrote reports/{name}{'' if cfg.keep else f'; deleted {data}'}")
+    return report
+
+
+def measure_reads(cfg: BenchConfig, data: Path, out: Path, read_cg: Path | None) -> dict:
+    """Steps 2-5 on the pack at out (and its sources under data), each read with the page cache dropped first."""
+    report = {}
+    train_file = out / "train.images.npy"
+    train_bytes = train_file.stat().st_size
+
+    def disk(key: str, direct: bool = False) -> float | None:  # 2. the disk (it varies from run to run)
+        drop_caches()
+        seq, _, _, _ = run_child(["-m", "benchmarks.bench_scale", "--child", "seqdirect" if direct else "seq",
+                                  str(train_file)], read_cg)
+        how = (f"O_DIRECT, {DIRECT_CHUNK >> 20} MB reads {DIRECT_READS} at a time, as the reader reads" if direct
+               else f"{SEQ_READ >> 20} MB reads through the page cache")
+        if seq is None:
+            report[key] = None
+            print(f"disk ({how}): not measured, no O_DIRECT on this file system")
+            return None
+        mb = seq["bytes"] / 1e6 / seq["seconds"]
+        report[key] = dict(seq, mb_per_s=mb, drawings_per_s=seq["bytes"] / ROW / seq["seconds"])
+        print(f"disk: one sequential read of {train_file.name} ({train_bytes / 1e9:.2f} GB; {how}): {mb:.0f} MB/s "
+              f"({seq['bytes'] / ROW / seq['seconds']:,.0f} drawings/s)")
+        return mb
+
+    # What the cap holds before any reading: importing torch brings its libraries into the page cache.
+    drop_caches()
+    _, _, _, report["import_cgroup_peak_bytes"] = run_child(["-c", "import utils.pack"], read_cg)
+    before = disk("disk_sequential")
+    direct = disk("disk_sequential_direct", direct=True)
+    # 3. pack reader, 4. per-category maps
+    for key, args in (
+            ("pack_reader", ["--child", "read", str(out)]),
+            ("category_mmap", ["--child", "mmap", str(data), ",".join(cfg.categories)])):
+        drop_caches()
+        r, rss, _, cg_peak = run_child(["-m", "benchmarks.bench_scale", *args, "--batch-size",
+                                        str(cfg.batch_size), "--seconds", str(cfg.seconds)], read_cg)
+        report[key] = dict(r, drawings_per_s=r["rows"] / r["seconds"], mb_per_s=r["pixel_bytes"] / 1e6 / r["seconds"],
+                           peak_rss_bytes=rss, cgroup_peak_bytes=cg_peak)
+    after = disk("disk_sequential_after")
+    seq_mb = (before + after) / 2
+    report["sequential_mb_per_s"] = seq_mb
+    for key in ("pack_reader", "category_mmap"):
+        r = report[key]
+        r["share_of_sequential"] = r["mb_per_s"] / seq_mb
+        r["share_of_direct_sequential"] = r["mb_per_s"] / direct if direct else None
+        epochs = f", {r['epochs']} epochs" if "epochs" in r else ""
+        how = (" (read around the page cache, O_DIRECT)" if r["direct"] else " (through the page cache)") \
+            if "direct" in r else ""
+        print(f"{key}: {r['rows']:,} drawings in {r['seconds']:.1f} s{epochs}{how}: {r['drawings_per_s']:,.0f} "
+              f"drawings/s, {r['mb_per_s']:.0f} MB/s = {r['share_of_sequential']:.0%} of sequential "
+              f"({seq_mb:.0f} MB/s, the mean of {before:.0f} before and {after:.0f} after)"
+              + (f", {r['share_of_direct_sequential']:.0%} of the O_DIRECT read" if direct else "")
+              + f"; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
+              + (f", cgroup peak {r['cgroup_peak_bytes'] / 2**20:.0f} MiB of {cfg.read_limit_mb} (importing "
+                 f"alone: {report['import_cgroup_peak_bytes'] / 2**20:.0f} MiB)" if r["cgroup_peak_bytes"] else ""))
+    # The same reader with the split in the page cache and no cap: what it costs in CPU alone.
+    child_seq(str(train_file))
+    r, rss, _, _ = run_child(["-m", "benchmarks.bench_scale", "--child", "read", str(out), "--batch-size",
+                              str(cfg.batch_size), "--seconds", str(cfg.seconds)], None)
+    mb = r["pixel_bytes"] / 1e6 / r["seconds"]
+    report["pack_reader_cached"] = dict(r, drawings_per_s=r["rows"] / r["seconds"], mb_per_s=mb, peak_rss_bytes=rss)
+    print(f"pack_reader from the page cache, no cap: {r['rows'] / r['seconds']:,.0f} drawings/s, {mb:.0f} MB/s")
+    report["pack_reader"]["target_share"] = 0.7
+    report["pack_reader"]["meets_target"] = report["pack_reader"]["share_of_sequential"] >= 0.7
+    # 5. class mixing
+    mix = chi2_reject_rate(PackedSet.open(out).train, cfg.batch_size, cfg.mix_batches)
+    mix["meets_target"] = mix["rate"] <= 0.02
+    report["class_mixing"] = mix
+    print(f"class mixing: {mix['rejected']} of {mix['batches']} batches of {cfg.batch_size} rejected by a "
+          f"chi-square test at the 1% level ({mix['rate']:.1%}; target at most 2%)")
     return report
 
 
@@ -367,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--read-limit-mb", type=int, default=d.read_limit_mb)
     p.add_argument("--mix-batches", type=int, default=d.mix_batches)
     p.add_argument("--keep", action="store_true", help="keep the tiled sources and the pack")
+    p.add_argument("--read-only", action="store_true",
+                   help="only the reading (steps 2-5), on a pack kept by --keep (made untimed if missing); "
+                        "writes reports/bench_scale_read.json")
     p.add_argument("--torchrun", action="store_true", help="only the distributed comparison (see above)")
     p.add_argument("--recipe", default=d.recipe)
     p.add_argument("--global-batch", type=int, default=d.global_batch)
@@ -375,17 +463,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.child:
         kind, *rest = args.child
-        if kind == "seq":
-            result = child_seq(rest[0])
+        if kind in ("seq", "seqdirect"):
+            result = child_seq(rest[0], direct=kind == "seqdirect")
         elif kind == "read":
             result = child_pack_reader(rest[0], args.batch_size, args.seconds)
         else:
             result = child_mmap(rest[0], rest[1].split(","), args.batch_size, args.seconds, args.seed)
-        print(json.dumps(dict(result, peak_rss_self=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(None if result is None else dict(result, peak_rss_self=peak)))
         return
     cfg = BenchConfig(rows=args.rows, data=args.data, seed=args.seed, batch_size=args.batch_size, seconds=args.seconds,
                       pack_limit_mb=args.pack_limit_mb, read_limit_mb=args.read_limit_mb,
-                      mix_batches=args.mix_batches, keep=args.keep, recipe=args.recipe, global_batch=args.global_batch,
+                      mix_batches=args.mix_batches, keep=args.keep, read_only=args.read_only,
+                      recipe=args.recipe, global_batch=args.global_batch,
                       dry_run=args.dry_run, epochs=args.epochs)
     (compare_torchrun if args.torchrun else run)(cfg)
 

@@ -19,11 +19,13 @@ and rerunning the same command resumes it; <out> only ever appears complete.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -54,6 +56,9 @@ CHUNK_ROWS = 1 << 15  # drawings gathered and written per step of the permutatio
 PROGRESS_EVERY = 32  # chunks between two resumable progress records (each one fsyncs the files)
 BLOCK_ROWS = 1 << 15  # rows a training reader reads in one sequential read (25.7 MB)
 BUFFER_BLOCKS = 4  # blocks whose rows are shuffled together
+DIRECT_ALIGN = 4096  # O_DIRECT needs file offsets, lengths and memory aligned to the device's block (<= 4 KB)
+DIRECT_CHUNK = 1 << 22  # bytes of one direct read; DIRECT_READS of them in flight keep the disk busy
+DIRECT_READS = 2
 HASH_READ = 1 << 24
 
 log = logging.getLogger(__name__)
@@ -110,16 +115,25 @@ def _sha256(path, start: int = 0, length: int | None = None) -> str:
     return h.hexdigest()
 
 
-def _pread_into(fd: int, offset: int, out: np.ndarray, what) -> None:
-    """Fill out (C-contiguous) with the bytes at offset: one sequential read, no map, no second copy."""
-    if not out.size:
-        return
-    view, done = memoryview(out).cast("B"), 0
-    while done < len(view):  # a read may return less than asked
+def _pread_into(fd: int, offset: int, out, what, need: int | None = None) -> None:
+    """Fill out (a C-contiguous array or a byte memoryview) with the bytes at offset, in as few reads as the
+    kernel allows; need: the bytes that must come (the rest may lie past the end of the file)."""
+    view = memoryview(out).cast("B")
+    need, done = len(view) if need is None else need, 0
+    while done < need:  # a read may return less than asked
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
-            raise DamagedPackError(f"{what} ended {len(view) - done:,} bytes early")
+            raise DamagedPackError(f"{what} ended {need - done:,} bytes early")
         done += got
+
+
+def _open_direct(path) -> int | None:
+    """A read-only descriptor that bypasses the page cache (O_DIRECT), or None where the system or file system
+    has none."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (AttributeError, OSError):
+        return None
 
 
 @contextmanager
@@ -466,32 +480,36 @@ def _read_progress(tmp: Path) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ reading
 
-def _cgroup_limit() -> int | None:
-    """This process's memory cgroup limit in bytes (v1 or v2), None where there is none."""
+def _cgroup_room(proc=Path("/proc/self/cgroup"), root=Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of page cache this process's memory cgroup (v1 or v2) leaves room for: its limit less what its
+    processes hold, anonymous memory and mapped files (the libraries' pages); None where there is no limit."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = Path(proc).read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
-            f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            folder, limit, held = Path(root) / "memory" / path.lstrip("/"), "memory.limit_in_bytes", \
+                ("total_rss", "total_mapped_file")
         elif controllers == "":
-            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+            folder, limit, held = Path(root) / path.lstrip("/"), "memory.max", ("anon", "file_mapped")
         else:
             continue
         try:
-            value = f.read_text().strip()
-        except OSError:
+            value = (folder / limit).read_text().strip()
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
             continue
         if value.isdigit() and int(value) < 1 << 60:  # "max" or a huge number: no limit
-            return int(value)
+            return max(int(value) - sum(int(stat.get(k, 0)) for k in held), 0)
     return None
 
 
 def cache_room() -> int | None:
-    """Bytes of page cache this process can hope to keep: memory available, capped by its cgroup's limit."""
-    room = [x for x in (available_memory(), _cgroup_limit()) if x is not None]
+    """Bytes of page cache this process can hope to keep: memory available, capped by what its cgroup's limit
+    leaves beside the memory its processes hold."""
+    room = [x for x in (available_memory(), _cgroup_room()) if x is not None]
     return min(room) if room else None
 
 
@@ -500,6 +518,55 @@ def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def group_runs(runs: list[tuple[int, int]], rows: int) -> list[list[tuple[int, int]]]:
+    """Consecutive runs gathered into buffers of at most `rows` rows (a longer run alone)."""
+    groups, n = [], 0
+    for a, z in runs:
+        if not groups or n + z - a > rows:
+            groups.append([])
+            n = 0
+        groups[-1].append((a, z))
+        n += z - a
+    return groups
+
+
+def layout(group: list[tuple[int, int]], head: int, offset: int, align: int | None = None
+           ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, int]], int]:
+    """Where a buffer of (rows, 784) holds a group's runs: (segments, reads, rows).
+
+    segments: [p, q) buffer rows of each run, in order, all at or after row `head`; reads: (file offset, byte in
+    the buffer, bytes, bytes needed) that fill them, offset being the file's byte of row 0; rows: the buffer's
+    rows needed. align=None: runs end to end, each read as it is. align=A: each read an A-aligned span (what
+    O_DIRECT asks of the file offset, the length and the memory, the buffer starting on an A boundary), the run
+    placed where the buffer's bytes agree with the file's modulo A; the span's ends spill up to A bytes past
+    the run's rows, into gap rows that no other run uses.
+    """
+    segments, reads, cursor = [], [], head * ROW  # cursor: the first byte no read has touched
+    for a, z in group:
+        f, size = offset + a * ROW, (z - a) * ROW
+        if align is None:
+            p, start, span = cursor // ROW, f, size
+        else:
+            d = f % align
+            period = align // math.gcd(ROW, align)  # rows after which the buffer's alignment repeats
+            first = -(-(cursor + d) // ROW)
+            fits = np.flatnonzero((np.arange(first, first + period) * ROW - d) % align == 0)
+            if not len(fits):
+                raise ValueError(f"rows at byte {f} cannot be aligned to {align} bytes in a buffer of {ROW}-byte rows")
+            p, start, span = first + int(fits[0]), f - d, -(-(d + size) // align) * align
+        reads.append((start, p * ROW - (f - start), span, f - start + size))
+        segments.append((p, p + z - a))
+        cursor = p * ROW - (f - start) + span
+    return segments, reads, -(-cursor // ROW)
+
+
+def aligned_rows(rows: int, align: int = DIRECT_ALIGN) -> np.ndarray:
+    """An empty (rows, 784) uint8 array whose first byte lies on an align boundary."""
+    raw = np.empty(rows * ROW + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + rows * ROW].reshape(rows, ROW)
 
 
 class PackedSplit:
@@ -512,7 +579,7 @@ class PackedSplit:
         self.labels = np.load(self.paths["labels"], mmap_mode="r")  # (n,) int16
         self.index = np.load(self.paths["index"], mmap_mode="r")  # (n,) int64
         self.offsets = {"images": self.images.offset, "labels": self.labels.offset}  # bytes before row 0
-        self._spare: list[tuple[np.ndarray, np.ndarray]] = []  # shuffle buffers of the last epoch
+        self._reader: tuple[threading.Thread, dict] | None = None  # the last call's reader and its buffers
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -551,28 +618,33 @@ class PackedSplit:
         return runs
 
     def batches(self, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                block_rows: int = BLOCK_ROWS, buffer_blocks: int = BUFFER_BLOCKS, drop_last: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                block_rows: int = BLOCK_ROWS, buffer_blocks: int = BUFFER_BLOCKS, drop_last: bool = False,
+                direct: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of this rank's share as (images uint8 (B,28,28), labels int64 (B,)), on the CPU.
 
         Reads blocks of block_rows consecutive rows in an order reshuffled every epoch (seed, epoch), and
         shuffles rows within a buffer of buffer_blocks blocks. Every rank yields num_batches(batch_size,
-        world_size, drop_last) batches; the last is shorter unless drop_last. A thread reads the next buffer
-        straight into place while this one is served, so memory is two buffers, about
+        world_size, drop_last) batches; the last is shorter unless drop_last. Threads read the next buffer
+        straight into place while this one is served, and once the epoch is read, the first buffer of the
+        next (epoch + 1, same arguments), which the next call takes over. Memory is two buffers, about
         2 * buffer_blocks * block_rows * 786 bytes (206 MB by default), whatever the split's size.
+        direct: read around the page cache (O_DIRECT); None: where the split is larger than the cache can keep.
+        The batches are the same whichever way the rows are read.
         """
         if batch_size < 1 or block_rows < 1 or buffer_blocks < 1:
             raise ValueError(f"batch_size, block_rows and buffer_blocks must be positive "
                              f"(got {batch_size}, {block_rows}, {buffer_blocks})")
-        runs = self._epoch_runs(epoch, seed, rank, world_size, block_rows)
+        rows = buffer_blocks * block_rows
+        groups = group_runs(self._epoch_runs(epoch, seed, rank, world_size, block_rows), rows)
+        after = group_runs(self._epoch_runs(epoch + 1, seed, rank, world_size, block_rows), rows)[:1]
         g = torch.Generator().manual_seed((seed * 10_007 + epoch) * 1_009 + rank)
         head = batch_size  # room before the rows read, for the previous buffer's leftover (< batch_size)
-        cap = head + buffer_blocks * block_rows
         rest_images, rest_labels = np.empty((0, ROW), np.uint8), np.empty(0, np.int16)
-        for images, labels, end in self._fill(runs, cap, head):
+        for images, labels, segments in self._fill(groups, head, direct, after):
             lo = head - len(rest_images)
             images[lo:head], labels[lo:head] = rest_images, rest_labels
-            order = torch.randperm(end - lo, generator=g).numpy() + lo
+            held = np.concatenate([np.arange(lo, head), *(np.arange(p, q) for p, q in segments)])
+            order = held[torch.randperm(len(held), generator=g).numpy()]
             full = len(order) - len(order) % batch_size
             for i in range(0, full, batch_size):
                 take = order[i:i + batch_size]
@@ -583,90 +655,152 @@ class PackedSplit:
             yield (torch.from_numpy(rest_images).view(-1, SIDE, SIDE),
                    torch.from_numpy(rest_labels.astype(np.int64)))
 
-    def _fill(self, runs: list[tuple[int, int]], cap: int, head: int
-              ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """(images (cap, 784), labels (cap,), end): two buffers in turn, rows [head, end) read from consecutive
-        runs by a background thread while the consumer serves the other buffer."""
-        # A split read in a cycle that the cache cannot hold gets no cache hits (LRU evicts each page before
-        # its next epoch): its pages are dropped once read, which spares the kernel reclaiming them, and
-        # whatever else is cached (other ranks' pages, the libraries) stays.
+    def reads_directly(self, direct: bool | None = None) -> bool:
+        """Whether the images are read around the page cache (O_DIRECT): asked for, or (None) where the split is
+        larger than the cache can keep; only where the system has O_DIRECT and rows can be aligned."""
+        if direct is None:
+            room = cache_room()
+            direct = room is not None and self.images.nbytes > room
+        return bool(direct) and hasattr(os, "O_DIRECT") and self.offsets["images"] % math.gcd(ROW, DIRECT_ALIGN) == 0
+
+    def _fill(self, groups: list[list[tuple[int, int]]], head: int, direct: bool | None = None,
+              after: list[list[tuple[int, int]]] = ()) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
+        """(images (R, 784), labels (R,), segments) for each group of runs: two buffers in turn, a group's runs
+        read into rows [p, q) of one (segments, all at or after row head) by a background thread while the
+        consumer serves the other. Once the last is read, the group in `after` (the next call's first) is read
+        ahead into the free buffer; a call starting with that group takes it over."""
+        direct = self.reads_directly(direct)
+        align, offset = (DIRECT_ALIGN if direct else None), self.offsets["images"]
+        ahead, buffers = self._settle((groups[:1], head, align))
+        todo = [(group, *layout(group, head, offset, align)) for group in [*groups[bool(ahead):], *after[:1]]]
+        rows = max([r for *_, r in todo], default=head)
+        # The last call's buffers serve again where their size fits: fresh ones cost a page fault per 4 KB.
+        buffers = [b for b in buffers if b is ahead or rows <= len(b[1]) <= rows + rows // 4]
+        buffers += [(aligned_rows(rows), np.empty(rows, np.int16)) for _ in range(2 - len(buffers))]
+        # A split read in a cycle that the cache cannot hold gets no cache hits (LRU evicts each page before its
+        # next epoch). Read directly, its pages never enter the cache: no kernel copy, no readahead past a block
+        # into one not read next, and nothing else cached (other ranks' pages, the libraries) is evicted for it.
+        # Read through the cache where O_DIRECT is not to be had, its pages are dropped once read.
         room = cache_room()
-        drop_behind = room is not None and self.images.nbytes > room
+        uncacheable = room is not None and self.images.nbytes > room
         free: queue.Queue = queue.Queue()
         full: queue.Queue = queue.Queue()
-        # Buffers are kept for the next epoch: fresh ones cost a page fault per 4 KB on first touch.
-        spare = [b for b in self._spare if len(b[1]) == cap][:2]
-        self._spare = [b for b in self._spare if not any(b is t for t in spare)]
-        buffers = spare + [(np.empty((cap, ROW), np.uint8), np.empty(cap, np.int16)) for _ in range(2 - len(spare))]
         for b in buffers:
-            free.put(b)
+            if b is not ahead:
+                free.put(b)
+        if ahead is not None:
+            full.put((ahead, layout(groups[0], head, offset, align)[0]))
+        epoch_reads = len(groups) - bool(ahead)  # todo's first entries; the rest is read ahead
         stop = threading.Event()
+        state = dict(buffers=buffers, ahead=None)
 
         def take_free():
             while not stop.is_set():
                 try:
-                    return free.get(timeout=0.1)
+                    buf = free.get(timeout=0.1)
                 except queue.Empty:
-                    pass
+                    continue
+                if len(buf[1]) < rows:  # a buffer of the last call, whose gaps were fewer
+                    buffers[next(i for i, b in enumerate(buffers) if b is buf)] = buf = \
+                        (aligned_rows(rows), np.empty(rows, np.int16))
+                return buf
             return None
 
         def reader():
+            ended = False  # whether the consumer has been told the epoch is read
             try:
                 with open(self.paths["images"], "rb", buffering=0) as fi, \
-                        open(self.paths["labels"], "rb", buffering=0) as fl:
-                    os.posix_fadvise(fi.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    buf, end = None, head
-                    for a, z in runs:
-                        if buf is not None and end + z - a > cap:
-                            full.put((*buf, end))
-                            buf = None
-                        if buf is None:
+                        open(self.paths["labels"], "rb", buffering=0) as fl, \
+                        ThreadPoolExecutor(DIRECT_READS if direct else 1) as pool:
+                    fd = _open_direct(self.paths["images"]) if direct else None
+                    drop_behind = fd is None and uncacheable
+                    if fd is None:
+                        os.posix_fadvise(fi.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+                    images_fd = fi.fileno() if fd is None else fd
+
+                    def run(job):
+                        f, at, out, need = job
+                        what = self.paths["labels" if f == fl.fileno() else "images"]
+                        try:
+                            _pread_into(f, at, out, what, need)
+                        except OSError as e:  # an alignment this file system or device refuses: through the cache
+                            if f != fd or e.errno != errno.EINVAL:
+                                raise
+                            _pread_into(fi.fileno(), at, out, what, need)
+
+                    try:
+                        for k, (group, segments, reads, _) in enumerate(todo):
+                            if k == epoch_reads:
+                                full.put(None)
+                                ended = True
                             if (buf := take_free()) is None:
                                 return
-                            end = head
-                        images, labels = buf
-                        _pread_into(fi.fileno(), self.offsets["images"] + a * ROW, images[end:end + z - a],
-                                    self.paths["images"])
-                        _pread_into(fl.fileno(), self.offsets["labels"] + a * 2, labels[end:end + z - a],
-                                    self.paths["labels"])
-                        if drop_behind:
-                            os.posix_fadvise(fi.fileno(), self.offsets["images"] + a * ROW, (z - a) * ROW,
-                                             os.POSIX_FADV_DONTNEED)
-                        end += z - a
-                    if buf is not None:
-                        full.put((*buf, end))
-                full.put(None)
-            except BaseException as e:  # hand the failure to the consumer
-                full.put(e)
+                            images, labels = buf
+                            flat = memoryview(images).cast("B")
+                            jobs = [(fl.fileno(), self.offsets["labels"] + a * 2, labels[p:q], None)
+                                    for (a, _), (p, q) in zip(group, segments)]
+                            for at, pos, span, need in reads:  # direct: in chunks, DIRECT_READS at a time
+                                step = DIRECT_CHUNK if fd is not None else span
+                                jobs += [(images_fd, at + c, flat[pos + c:pos + min(span, c + step)],
+                                          min(step, need - c)) for c in range(0, span, step)]
+                            list(pool.map(run, jobs))
+                            if drop_behind:
+                                for a, z in group:
+                                    os.posix_fadvise(fi.fileno(), offset + a * ROW, (z - a) * ROW,
+                                                     os.POSIX_FADV_DONTNEED)
+                            if k < epoch_reads:
+                                full.put((buf, segments))
+                            else:
+                                state["ahead"] = ((after[:1], head, align), buf)
+                    finally:
+                        if fd is not None:
+                            os.close(fd)
+                if not ended:
+                    full.put(None)
+            except BaseException as e:  # hand the failure to the consumer (a read ahead's is left to the next call)
+                if not ended:
+                    full.put(e)
 
         thread = threading.Thread(target=reader, daemon=True, name=f"pack-reader-{self.name}")
         thread.start()
-        held = None
+        held, done = None, False
         try:
             while (item := full.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 if held is not None:
                     free.put(held)  # the consumer has moved its leftover out of it by now
-                held = item[:2]
-                yield item
+                held, segments = item
+                yield (*held, segments)
+            done = True
         finally:
-            stop.set()
-            thread.join()
-            self._spare = buffers  # the last epoch's pair only: memory stays at two buffers
+            if not done:
+                stop.set()
+            self._reader = (thread, state)  # waited for by the next call, which may take over its read ahead
 
-    def ordered(self, batch_size: int = 1024, rank: int = 0, world_size: int = 1, block_rows: int = BLOCK_ROWS
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _settle(self, key) -> tuple[tuple[np.ndarray, np.ndarray] | None, list]:
+        """Wait for the last call's reader: (its read-ahead buffer if it holds key's group, else None; its buffers)."""
+        if self._reader is None:
+            return None, []
+        thread, state = self._reader
+        self._reader = None
+        thread.join()
+        ahead = state["ahead"]
+        return (ahead[1] if ahead is not None and ahead[0] == key else None), state["buffers"]
+
+    def ordered(self, batch_size: int = 1024, rank: int = 0, world_size: int = 1, block_rows: int = BLOCK_ROWS,
+                direct: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rank's contiguous share (shard()) of the split in stored order, as batches (uint8 (B,28,28), int64 (B,)).
 
         Results of ranks 0..K-1 put end to end are those of one process over the whole split, row for row.
         """
         start, stop = shard(len(self), rank, world_size)
         step = max(block_rows // batch_size, 1) * batch_size  # whole batches per read
-        runs = [(a, min(a + step, stop)) for a in range(start, stop, step)]
-        for images, labels, end in self._fill(runs, step, 0):
-            for i in range(0, end, batch_size):  # copies: the buffer is refilled once the caller moves on
-                j = min(i + batch_size, end)
+        groups = [[(a, min(a + step, stop))] for a in range(start, stop, step)]
+        for images, labels, [(p, q)] in self._fill(groups, 0, direct):
+            for i in range(p, q, batch_size):  # copies: the buffer is refilled once the caller moves on
+                j = min(i + batch_size, q)
                 yield (torch.from_numpy(images[i:j].copy()).view(-1, SIDE, SIDE),
                        torch.from_numpy(labels[i:j].astype(np.int64)))
 
