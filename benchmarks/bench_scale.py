@@ -19,7 +19,8 @@ The 17 bitmap categories of the local mirror (../shared/quickdraw) are tiled to 
 With --torchrun, only the distributed comparison instead (reports/bench_scale_torchrun.json): the 17 categories
 packed whole from the mirror, then `v2-tuned` trained from the pack twice with the same global batch (256) and
 seed: one process with 2 threads, and torchrun with 2 processes (gloo, 1 thread each, 128 drawings per rank and
---lr-batch 256, so the same rate): images/s of both, and val and test top-1 (target: within 0.5 points).
+--lr-batch 256, so the same rate; the precision the first run timed, so the same arithmetic): images/s of both,
+and val and test top-1 (target: within 0.5 points). --dry-run checks the plumbing and writes no report.
 Caps use the cgroup v1 memory controller (/sys/fs/cgroup/memory, needs root); the page cache is dropped with
 /proc/sys/vm/drop_caches (root). Either missing is said in the printout and the report. Large files are deleted
 at the end unless --keep. Writes reports/bench_scale.json; with --read-only, steps 2-5 alone on the pack a run with
@@ -414,8 +415,11 @@ def compare_torchrun(cfg: BenchConfig) -> dict:
                 *common, "--batch-size", str(cfg.global_batch // ranks), "--lr-batch", str(cfg.global_batch),
                 "--num-threads", "1", "--out", str(models / "ddp.pt")],
         }
+        same: list[str] = []  # the first run's precision for the second: only the process count differs
         for key, args in runs.items():
+            args = args + same
             result, rss, seconds, _ = run_child(args, None)
+            same = [f"--{'' if result['precision'][k] else 'no-'}{k.replace('_', '-')}" for k in ("bf16", "channels_last")]
             report[key] = dict(command=" ".join(args[1:] if args[0] == "-m" else args), wall_seconds=seconds,
                                peak_rss_bytes_largest_child=rss, **{k: result[k] for k in (
                                    "val", "test", "train_images_per_s", "train_seconds", "epochs", "precision",
@@ -434,6 +438,8 @@ def compare_torchrun(cfg: BenchConfig) -> dict:
     finally:
         if not cfg.keep:
             shutil.rmtree(data, ignore_errors=True)
+    if cfg.dry_run:  # two batches an epoch: no figure to keep
+        return report
     write_json(ROOT / "reports" / "bench_scale_torchrun.json", report, indent=1)
     print("wrote reports/bench_scale_torchrun.json")
     return report
