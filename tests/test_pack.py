@@ -1,4 +1,6 @@
 """utils.pack: the packed set's split, order, resumable writing, damage detection, and its readers."""
+import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -204,6 +206,31 @@ def test_batches_are_the_plain_readers_row_for_row(data, tmp_path, direct, direc
     assert_same_batches(train.batches(64, epoch=7, direct=direct), plain_batches(train, 64, epoch=7))
     assert_same_batches(train.batches(64, epoch=7, rank=1, world_size=2, direct=direct),
                         plain_batches(train, 64, epoch=7, rank=1, world_size=2))
+
+
+@pytest.mark.parametrize("fault", ["no O_DIRECT", "EINVAL"])
+def test_direct_reads_fall_back_to_the_cache_where_refused(data, tmp_path, monkeypatch, request, fault):
+    """A file system without O_DIRECT, or one that refuses a direct read's alignment (EINVAL), still gives the
+    plain reader's batches: the reads go through the page cache instead."""
+    train = PackedSet.open(pack(NAMES, data, tmp_path / "p", progress=False)).train
+    refused = []
+    if fault == "no O_DIRECT":
+        monkeypatch.setattr(P, "_open_direct", lambda path: refused.append(path) or None)
+    else:
+        request.getfixturevalue("direct_ok")  # a refusal needs a file system that grants O_DIRECT at all
+        pread = P._pread_into
+
+        def refuse_direct(fd, at, out, what, need=None):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+                refused.append(at)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return pread(fd, at, out, what, need)
+        monkeypatch.setattr(P, "_pread_into", refuse_direct)
+    case = dict(batch_size=50, block_rows=128, buffer_blocks=3)
+    for epoch in range(2):
+        assert_same_batches(train.batches(**case, epoch=epoch, direct=True), plain_batches(train, **case, epoch=epoch))
+    assert refused  # the direct path was tried, and refused
+    train._reader[0].join(timeout=10)
 
 
 def test_read_ahead_is_taken_over_and_an_abandoned_epoch_leaves_no_trace(data, tmp_path, monkeypatch):
