@@ -25,7 +25,8 @@
    oneDNN's own report of the ISA it runs).
 
 Prints the figures with the machine (utils.device.describe_machine) and writes them with the
-model, the load settings and the date to reports/bench_api.json (--json PATH elsewhere).
+model, the load settings and the date to reports/bench_api.json (with --compare, reports/bench_api_compare.json;
+--json PATH elsewhere).
 
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_api                  # the shipped model, 2 workers
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_api --compare models/qdnet.pt
@@ -122,7 +123,7 @@ class BenchConfig:
     health_every_ms: int = 20    # /health asked this often, on its own connection, during the load phases
     compare: str | None = None   # a checkpoint (.pt): serve it each way (see 5.) instead of 1.-4.
     compare_seconds: float = 10.0  # each server of the comparison: this long under load, after 2 s of warm-up
-    json: str = str(ROOT / "reports" / "bench_api.json")  # the report; "" writes none
+    json: str | None = None      # the report (default: reports/bench_api.json, with --compare bench_api_compare.json); "" none
 
 
 @dataclass
@@ -320,9 +321,11 @@ def compare(config: BenchConfig, bodies: list[Body], work: Path) -> list[dict]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, value in vars(BenchConfig()).items():
-        kind = {"model": str, "compare": str}.get(name, type(value))
+        kind = {"model": str, "compare": str, "json": str}.get(name, type(value))
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     config = BenchConfig(**vars(p.parse_args(argv)))
+    if config.json is None:  # a comparison does not overwrite the load test's report, nor it the comparison's
+        config.json = str(ROOT / "reports" / ("bench_api_compare.json" if config.compare else "bench_api.json"))
     if not (FULL / "numpy_bitmap").is_dir():
         sys.exit(f"error: {SHARED_DIR} is absent: this benchmark needs ../shared/quickdraw")
     if not shutil.which("wrk"):
