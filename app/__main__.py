@@ -87,8 +87,9 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
 def build_app(args: argparse.Namespace):
     """The model loaded (and warmed up) in this process, and the app serving it."""
     classifier = Classifier.from_file(args.model, args.threads, args.unsure_below)
-    classifier.warm_up()
-    app = create_app(classifier, service_config(args))
+    config = service_config(args)
+    classifier.warm_up(config.pass_rows)  # every batch size a forward pass will see
+    app = create_app(classifier, config)
     gc.collect()
     gc.freeze()  # the runtime, the model and the app live as long as the process: keep the collector off them
     return app

@@ -98,6 +98,21 @@ class _Job:
         return 1 if self.drawings is None else len(self.drawings.bitmaps) - self.start
 
 
+def _draw_apart(many: list) -> list[Exception | None]:
+    """draw_strokes for a pass's requests; should it fail in a way no input check foresaw, each request is drawn
+    alone, so that the fault stays with the request that caused it."""
+    try:
+        return draw_strokes(many)
+    except Exception:  # noqa: BLE001 - kept per request below
+        errors = []
+        for drawings in many:
+            try:
+                errors.append(draw_strokes([drawings])[0])
+            except Exception as e:  # noqa: BLE001 - that request's answer (a 500), nobody else's
+                errors.append(e)
+        return errors
+
+
 class Batcher:
     """Requests read, drawn and classified in one thread beside the event loop, in batches: each pass
     takes every request that arrived while the previous pass ran, reads and draws them, and classifies
@@ -166,7 +181,7 @@ class Batcher:
                     fresh.append(job)
                 except Exception as e:  # Costly, or what is wrong with the input: that request's answer
                     job.error = e
-        for job, error in zip(fresh, draw_strokes([job.drawings for job in fresh])):
+        for job, error in zip(fresh, _draw_apart([job.drawings for job in fresh])):
             job.error = error
         slices, rows = [], 0
         for job in taken:

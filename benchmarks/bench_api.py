@@ -46,7 +46,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-import numpy as np
 from PIL import Image
 
 from app.__main__ import DEFAULT_MODEL
@@ -55,14 +54,13 @@ from app.inputs import MAX_DRAWINGS, MAX_IMAGE_PIXELS, MAX_INK_LENGTH, MAX_POINT
 from testkit.agreement import agreement, bitmap_categories
 from testkit.launch import running_server
 from testkit.mirror import SHARED_DIR
-from utils.device import describe_machine, machine_info
+from utils.device import AVX2_CAP, describe_machine, machine_info
 from utils.io import write_json
 from utils.report import markdown_table
 from utils.strokes import read_ndjson, render
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = SHARED_DIR / "full"
-AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 # One wrk run: requests cycle through the body files listed (one "content-type<TAB>expected status<TAB>path"
 # a line) on every connection; stops after `limit` answers or the duration; prints its figures as JSON,
 # with the statuses answered and the statuses the requests sent were designed to get.
@@ -225,15 +223,13 @@ def rate(r: dict) -> float:
     return r["answered_2xx"] / r["seconds"]
 
 
-def load_phase(url: str, bodies: list[Body], config: BenchConfig, work: Path, heavy: dict[str, Body] | None,
-               seconds: float, health: bool = True) -> dict:
+def load_phase(url: str, bodies: list[Body], config: BenchConfig, work: Path, heavy: dict[str, Body] | None) -> dict:
     """The ordinary load for `seconds`, /health paced beside it, and the costly requests if given."""
-    name = "noisy" if heavy else "quiet"
+    name, seconds = ("noisy" if heavy else "quiet"), config.seconds
     runs = {"ordinary": wrk(url, "/predict", bodies, config.connections, seconds, config.requests, work,
                             f"{name}-ordinary")}
-    if health:
-        runs["health"] = wrk(url, "/health", [Body("GET", b"")], 1, seconds, 10**9, work, f"{name}-health",
-                             pause_ms=config.health_every_ms)
+    runs["health"] = wrk(url, "/health", [Body("GET", b"")], 1, seconds, 10**9, work, f"{name}-health",
+                         pause_ms=config.health_every_ms)
     if heavy:
         image, json_bodies = [heavy["image"]], [v for k, v in heavy.items() if k != "image"]
         # one connection for the JSON bodies, one for the images: each its own route
@@ -286,8 +282,7 @@ def export_both(checkpoint: Path, out_dir: Path) -> tuple[Path, Path]:
     from utils.export import export, int8_path
     out = out_dir / (checkpoint.stem + ".onnx")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as data:
-        report = export(checkpoint, out, data=data, int8=True, base_url=str(SHARED_DIR))
+    report = export(checkpoint, out, data=FULL, int8=True)  # its split rebuilt from the mirror's files in place
     print(f"exported {checkpoint.name}: float top-1 {report['float']['top1']:.2%}, int8 {report['int8']['top1']:.2%} "
           f"on its test split [{time.perf_counter() - t0:.0f} s]")
     return out, int8_path(out)
@@ -298,8 +293,9 @@ def compare(config: BenchConfig, bodies: list[Body], work: Path) -> list[dict]:
     checkpoint = Path(config.compare)
     float_onnx, int8_onnx = export_both(checkpoint, work)
     servers = [("shipped int8 ONNX", DEFAULT_MODEL, {}), ("int8 ONNX", int8_onnx, {}),
-               ("float ONNX", float_onnx, {}), ("torch", checkpoint, {}), ("torch, AVX2 cap", checkpoint, AVX2)]
-    print(f"AVX2 cap check: {isa_line(AVX2)}; without it: {isa_line({})}")
+               ("float ONNX", float_onnx, {}), ("torch", checkpoint, {}), ("torch, AVX2 cap", checkpoint, AVX2_CAP)]
+    isa = {True: isa_line(AVX2_CAP), False: isa_line({})}  # what the capped and uncapped servers' torch runs on
+    print(f"AVX2 cap check: {isa[True]}; without it: {isa[False]}")
     rows = []
     for label, model, env in servers:
         for workers in (1, 2):
@@ -308,7 +304,7 @@ def compare(config: BenchConfig, bodies: list[Body], work: Path) -> list[dict]:
                 r = wrk_result(wrk(url, "/predict", bodies, config.connections, config.compare_seconds,
                                    config.requests, work, "compare"), config.compare_seconds + 120)
             row = dict(served=label, model=model.name, workers=workers, predictions_per_s=rate(r), p50_ms=r["p50_ms"],
-                       p99_ms=r["p99_ms"], errors=r["errors"], env=env, run=r)
+                       p99_ms=r["p99_ms"], errors=r["errors"], env=env, isa=isa[bool(env)], run=r)
             print(f"{label:<18} {model.name:<24} workers {workers}: {rate(r):6.0f}/s  p50 {r['p50_ms']:6.1f} ms  "
                   f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}", flush=True)
             rows.append(row)
@@ -376,7 +372,7 @@ def serve_and_load(config: BenchConfig, model: Path, bodies: list[Body], work: P
               f"/health every {config.health_every_ms} ms")
         phases = {}
         for name, noisy in (("quiet", None), ("noisy", heavy)):
-            phases[name] = load_phase(url, bodies, config, work, noisy, config.seconds)
+            phases[name] = load_phase(url, bodies, config, work, noisy)
             o, h = phases[name]["ordinary"], phases[name]["health"]
             print(f"[{name}] ordinary: {show_run(o)}; /health p99 {h['p99_ms']:.1f} ms "
                   f"(max {h['max_ms']:.1f}) of {h['requests']}")

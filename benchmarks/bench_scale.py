@@ -29,7 +29,7 @@ at the end unless --keep. Writes reports/bench_scale.json; with --read-only, ste
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale --torchrun
     flock -x /tmp/cpu.lock .venv/bin/python -m benchmarks.bench_scale --read-only --keep   # steps 2-5 only
-    .venv/bin/python -m benchmarks.bench_scale --rows 20000 --seconds 2     # a quick check
+    .venv/bin/python -m benchmarks.bench_scale --rows 20000 --seconds 2 --json ""   # a quick check, no report
 """
 from __future__ import annotations
 
@@ -80,9 +80,18 @@ class BenchConfig:
     global_batch: int = 256       # --torchrun: the recipe's batch, split over the ranks
     dry_run: bool = False         # --torchrun: two batches an epoch (a check of the plumbing, not a figure)
     epochs: int | None = None     # --torchrun: fewer epochs than the recipe's (the one-cycle schedule shortened)
+    json: str | None = None       # the report's path (None: the mode's file under reports/; "": none)
 
 
 # ------------------------------------------------------------------------------------------ machinery
+
+def save_report(cfg: BenchConfig, name: str, report: dict) -> str:
+    """Write the report to cfg.json, or to reports/<name> by default; "" writes none. Returns where (or "")."""
+    path = str(ROOT / "reports" / name) if cfg.json is None else cfg.json
+    if path:
+        write_json(path, report, indent=1)
+    return path
+
 
 def drop_caches() -> bool:
     """Write back and drop the page cache, so the next read comes from the disk; False if not allowed."""
@@ -310,9 +319,8 @@ def run(cfg: BenchConfig) -> dict:
                 cg.rmdir()
         if not cfg.keep:
             shutil.rmtree(data, ignore_errors=True)
-    name = "bench_scale_read.json" if cfg.read_only else "bench_scale.json"
-    write_json(ROOT / "reports" / name, report, indent=1)
-    print(f"wrote reports/{name}{'' if cfg.keep else f'; deleted {data}'}")
+    path = save_report(cfg, "bench_scale_read.json" if cfg.read_only else "bench_scale.json", report)
+    print(f"{'wrote ' + path if path else 'no report written'}{'' if cfg.keep else f'; deleted {data}'}")
     return report
 
 
@@ -440,8 +448,8 @@ def compare_torchrun(cfg: BenchConfig) -> dict:
             shutil.rmtree(data, ignore_errors=True)
     if cfg.dry_run:  # two batches an epoch: no figure to keep
         return report
-    write_json(ROOT / "reports" / "bench_scale_torchrun.json", report, indent=1)
-    print("wrote reports/bench_scale_torchrun.json")
+    if path := save_report(cfg, "bench_scale_torchrun.json", report):
+        print(f"wrote {path}")
     return report
 
 
@@ -466,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--global-batch", type=int, default=d.global_batch)
     p.add_argument("--dry-run", action="store_true", help="--torchrun: two batches an epoch, a quick check")
     p.add_argument("--epochs", type=int, help="--torchrun: train this many epochs instead of the recipe's")
+    p.add_argument("--json", default=None, help="the report's path (default: the mode's file under reports/; "
+                                                 "\"\" writes none)")
     args = p.parse_args(argv)
     if args.child:
         kind, *rest = args.child
@@ -482,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                       pack_limit_mb=args.pack_limit_mb, read_limit_mb=args.read_limit_mb,
                       mix_batches=args.mix_batches, keep=args.keep, read_only=args.read_only,
                       recipe=args.recipe, global_batch=args.global_batch,
-                      dry_run=args.dry_run, epochs=args.epochs)
+                      dry_run=args.dry_run, epochs=args.epochs, json=args.json)
     (compare_torchrun if args.torchrun else run)(cfg)
 
 

@@ -14,7 +14,6 @@ Timed: run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from utils.data import load_bitmaps, split
-from utils.device import describe_machine, machine_info
+from utils.device import AVX2_CAP, describe_machine, machine_info
 from utils.io import write_json
 from utils.models import flops_per_image
 from utils.report import markdown_table
@@ -40,7 +40,7 @@ SCORES = ("top1", "top3", "map3")
 # CPU configurations: the environment each one's process runs in.
 CPUS: dict[str, dict[str, str]] = {
     "native": {},
-    "avx2": dict(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2"),
+    "avx2": AVX2_CAP,
 }
 
 

@@ -467,6 +467,35 @@ def test_a_drawing_that_cannot_be_drawn_fails_only_its_request(monkeypatch):
     assert "drawings[1].strokes cannot be drawn: out of range" in str(errors[1])
 
 
+def test_an_unforeseen_drawing_fault_in_a_shared_pass_stays_with_its_request(shapes_onnx_classifier, monkeypatch):
+    """A drawing that fails in a way no input check foresaw (here cairo's RuntimeError) while it shares a pass:
+    its request fails, the other request of the pass gets its answer."""
+    classifier = shapes_onnx_classifier
+    cursed, calls = drawing("plus", 7), []
+    real = app.inputs.render_raw_batch
+
+    def fragile(many, side):
+        calls.append(len(many))
+        if cursed in many:
+            raise RuntimeError("cairo fell over")
+        return real(many, side=side)
+    monkeypatch.setattr(app.inputs, "render_raw_batch", fragile)
+    monkeypatch.setattr(app.inputs, "render_raw", lambda strokes, side: fragile([strokes], side)[0])
+    # the first request takes the first pass alone; the two behind it share the next one
+    bodies = [{"strokes": drawing("line", 2)}, {"strokes": drawing("circle", 3)}, {"strokes": cursed}]
+
+    async def scenario():
+        batcher = Batcher(classifier, max_rows=64)
+        return await asyncio.gather(*(batcher.predict(partial(read_drawings, json.dumps(b).encode(),
+                                                              classifier.classes), ServiceConfig().light_points)
+                                      for b in bodies), return_exceptions=True)
+    _, good, bad = asyncio.run(scenario())
+    assert calls[:2] == [1, 2]  # the fault came up in the shared pass, then each was drawn alone
+    assert isinstance(bad, RuntimeError) and "cairo fell over" in str(bad)
+    _, results = good
+    assert results[0]["predictions"][0]["label"] == "circle"
+
+
 # --- costs bounded, and off the event loop ---------------------------------------------------------------
 
 ZIGZAG = {"strokes": [[[0, 100] * 490, [i * 0.3 for i in range(980)]]]}  # 6 KB, ~250,000 units of ink

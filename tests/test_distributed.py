@@ -264,6 +264,32 @@ def test_a_late_rank_joins_and_a_stuck_one_fails_the_run_on_the_collective_timeo
     assert time.monotonic() - t0 < RUN_SECONDS
 
 
+def test_rank_0s_result_or_its_error_reaches_every_rank(tmp_path):
+    """on_rank0: rank 0's value on every rank; its error raised on every rank at once, not after a timeout."""
+    script = tmp_path / "rank0.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from datetime import timedelta
+        from utils import distributed
+        group = distributed.init("cpu", timeout=timedelta(seconds=60))
+        try:
+            got = distributed.on_rank0(lambda: 40 + 2 if group.main else 0, group)
+            print(f"rank {group.rank} got {got}", flush=True)
+            t0 = time.monotonic()
+            try:
+                distributed.on_rank0(lambda: 1 / 0 if group.main else 1, group)
+            except ZeroDivisionError as error:
+                print(f"rank {group.rank} raised {error} after {time.monotonic() - t0:.1f} s", flush=True)
+        finally:
+            distributed.teardown()
+    """))
+    done = torchrun(script, [])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(re.findall(r"rank (\d) got (\d+)", done.stdout)) == [("0", "42"), ("1", "42")]
+    raised = re.findall(r"rank (\d) raised division by zero after ([\d.]+) s", done.stdout)
+    assert sorted(r for r, _ in raised) == ["0", "1"] and all(float(s) < 20 for _, s in raised)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 def test_every_rank_sums_its_dtypes_in_the_same_order(monkeypatch):

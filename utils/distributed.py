@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -130,6 +130,21 @@ def share(obj: Any, group: Group) -> Any:
     with _collective("broadcast from rank 0", group):
         dist.broadcast_object_list(box, src=0, device=group.device if group.device.type == "cuda" else None)
     return box[0]
+
+
+def on_rank0(fn: Callable[[], Any], group: Group) -> Any:
+    """fn() run on rank 0 alone and its result shared with every rank; if it raises, every rank raises its error,
+    so that no rank waits on a collective that rank 0 will never join."""
+    outcome = None
+    if group.main:
+        try:
+            outcome = (True, fn())
+        except Exception as error:  # noqa: BLE001 - carried to every rank and raised there
+            outcome = (False, error)
+    ok, value = share(outcome, group)
+    if not ok:
+        raise value
+    return value
 
 
 def sum_all(values: dict[str, torch.Tensor], group: Group) -> dict[str, torch.Tensor]:

@@ -46,10 +46,11 @@ class QuickDrawCNN_V2(nn.Module):
 
 
 class ConvBN(nn.Sequential):
-    """3x3 conv (no bias: BN follows) + BatchNorm + ReLU, same spatial size."""
+    """Conv (no bias: BN follows) + BatchNorm + ReLU; by default 3x3, same spatial size."""
 
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1):
+        super().__init__(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class ResidualBlock(nn.Module):
@@ -109,8 +110,7 @@ class QuickDrawNet(nn.Module):
         super().__init__()
         self.mirror_average = mirror_average
         w1, w2 = widths
-        self.stem = nn.Sequential(nn.Conv2d(1, w1, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(w1),
-                                  nn.ReLU(inplace=True))                                 # (B,w1,14,14)
+        self.stem = ConvBN(1, w1, kernel=4, stride=2)                                    # (B,w1,14,14)
         self.stage1 = nn.Sequential(*(ResidualBlock(w1) for _ in range(blocks[0])))     # (B,w1,14,14)
         self.stage2 = nn.Sequential(Downsample(w1, w2), *(ResidualBlock(w2) for _ in range(blocks[1])))  # (B,w2,7,7)
         self.head = nn.Sequential(

@@ -719,14 +719,19 @@ class PackedSplit:
 
                     images_fd = fi.fileno() if fd is None else fd
 
+                    refused = threading.Event()  # a direct read refused once: the rest go through the cache
+
                     def run(job):
                         f, at, out, need = job
                         what = self.paths["labels" if f == fl.fileno() else "images"]
+                        if f == fd and refused.is_set():
+                            f = fi.fileno()
                         try:
                             _pread_into(f, at, out, what, need)
                         except OSError as e:  # an alignment this file system or device refuses: through the cache
                             if f != fd or e.errno != errno.EINVAL:
                                 raise
+                            refused.set()
                             _pread_into(fi.fileno(), at, out, what, need)
 
                     try:

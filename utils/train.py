@@ -618,10 +618,8 @@ def _fit(model: nn.Module, train, val, config: TrainConfig, out: Path | None, re
     if resume:
         # Only rank 0 writes checkpoints, so only it reads them: the other ranks (on other machines too) get its
         # copy, and every rank carries on from the same epoch.
-        if group.main:
-            last = read_checkpoint(last_path(out))
-            best_state = read_checkpoint(out)["state_dict"] if Path(out).is_file() else None
-        last, best_state = distributed.share((last, best_state), group)
+        last, best_state = distributed.on_rank0(lambda: (
+            read_checkpoint(last_path(out)), read_checkpoint(out)["state_dict"] if Path(out).is_file() else None), group)
         _check_resumable(last["config"], config, last_path(out))
         if not _same_data(last["history"].get("data"), source):
             raise ValueError(f"cannot resume {last_path(out)} from other data: it trained on "
@@ -636,8 +634,8 @@ def _fit(model: nn.Module, train, val, config: TrainConfig, out: Path | None, re
         return history
     model.to(device)
     if history.get("precision") is None:  # decided on rank 0: every rank must run the same arithmetic
-        choice = choose_precision(model, head(train, config.batch_size), config, device) if group.main else None
-        history["precision"] = distributed.share(choice, group)
+        history["precision"] = distributed.on_rank0(
+            lambda: choose_precision(model, head(train, config.batch_size), config, device), group)
         if history["precision"]["how"] == "measured" and group.main:
             print(f"precision: {describe_precision(history['precision'])}", file=sys.stderr, flush=True)
     config = resolved(config, history)
