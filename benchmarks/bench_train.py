@@ -9,7 +9,7 @@ Seed 0 is the development split: recipes and the new model were chosen on it (it
 Seed 1 is the check: the same drawings split afresh, recipes fixed beforehand.
 
 --cpus runs the same runs once per CPU configuration, each in its own process: "native" is this CPU as
-it is, "avx2" caps oneDNN and ATen at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), which makes
+it is, "avx2" caps oneDNN, ATen and MKL at AVX2 (utils.device.AVX2_CAP), which makes
 a CPU with AMX/AVX512-BF16 behave like one without native bfloat16 (most AMD and client Intel CPUs).
 Each configuration prints its table under the machine's description and writes
 reports/bench_train_seed<N>_<cpu>.json.

@@ -1,5 +1,8 @@
 """utils.device: device choice, seeding and the machine description."""
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,3 +69,30 @@ def test_native_bf16_reads_flags_and_isa_cap(monkeypatch, flags, isa, expected):
     info = device.machine_info()
     assert info["cpu"] == "Test CPU" and info["native_bf16"] is expected
     assert ("no native bf16" in device.describe_machine(info)) is not expected
+
+
+# A convolution (oneDNN), a matrix product (MKL) and ATen's dispatch, in a child under the cap.
+UNDER_CAP = """
+import torch
+print(torch.backends.cpu.get_cpu_capability())
+x = torch.randn(64, 32, 14, 14)
+torch.nn.functional.conv2d(x, torch.randn(32, 32, 3, 3))
+torch.randn(256, 256) @ torch.randn(256, 256)
+"""
+
+
+@pytest.mark.skipif("avx512f" not in device.cpu_flags() or not torch.backends.mkldnn.is_available()
+                    or not torch.backends.mkl.is_available(),
+                    reason="needs an x86 CPU with AVX-512 (something to cap) and torch built with oneDNN and MKL")
+def test_the_avx2_cap_reaches_onednn_mkl_and_aten():
+    """Each library has its own switch: a cap that misses one (MKL's matrix products) leaves part of the
+    work at AVX-512 speed, and the AVX2 figures too fast."""
+    env = {k: v for k, v in os.environ.items() if k not in device.AVX2_CAP} | device.AVX2_CAP
+    env |= dict(ONEDNN_VERBOSE="1", MKL_VERBOSE="1")
+    out = subprocess.run([sys.executable, "-c", UNDER_CAP], capture_output=True, text=True, timeout=120, env=env,
+                         check=True).stdout
+    lines = out.splitlines()
+    assert lines[0] == "AVX2"
+    assert any(line.startswith("onednn_verbose") and "isa:Intel AVX2" in line for line in lines), out
+    mkl = [line for line in lines if line.startswith("MKL_VERBOSE oneMKL")]
+    assert mkl and "(Intel(R) AVX2)" in mkl[0] and "AVX-512" not in mkl[0], out

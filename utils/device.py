@@ -11,8 +11,9 @@ import torch
 # CPU flags that give oneDNN native bfloat16 arithmetic; without them bf16 is emulated (slow).
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # ONEDNN_MAX_CPU_ISA values that keep oneDNN off its bf16 kernels even where the CPU has them.
-# The environment that makes torch on any x86 CPU run as on an AVX2-only one (no native bf16), per process.
-AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# The environment that makes torch on any x86 CPU run as on an AVX2-only one (no native bf16), per process:
+# oneDNN (convolutions), ATen's own kernels, and MKL (matrix products: linear layers) each have their own switch.
+AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
@@ -69,6 +70,7 @@ def machine_info() -> dict:
         native_bf16=native_bf16_cpu(),
         onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA"),
         aten_cpu_capability=os.environ.get("ATEN_CPU_CAPABILITY"),
+        mkl_enable_instructions=os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
         cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         torch=torch.__version__,
         python=platform.python_version(),
@@ -83,5 +85,7 @@ def describe_machine(info: dict | None = None) -> str:
     caps = f"torch CPU capability {info['torch_cpu_capability']}"
     if info["onednn_max_cpu_isa"]:
         caps += f", ONEDNN_MAX_CPU_ISA={info['onednn_max_cpu_isa']}"
+    if info.get("mkl_enable_instructions"):  # reports from before it was recorded have no such key
+        caps += f", MKL_ENABLE_INSTRUCTIONS={info['mkl_enable_instructions']}"
     gpu = f", GPU {info['cuda']}" if info["cuda"] else ""
     return f"{info['cpu']}, {info['cores']} cores ({caps}; {bf16}){gpu}, torch {info['torch']}"
