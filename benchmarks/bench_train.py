@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.bench_train --seed 1                       # every run, on this CPU
     .venv/bin/python -m benchmarks.bench_train --seed 1 --runs v2,v2-tuned,qdnet --cpus native,avx2
     .venv/bin/python -m benchmarks.bench_train --quick --runs v2,v2-tuned     # smoke run: 200 a class, 1 epoch
+    .venv/bin/python -m benchmarks.bench_train --steps-only --runs v2,v2-tuned --cpus native,avx2
 
 One stratified 80/10/10 split by seed; every model is scored on the WHOLE validation and test splits.
 Seed 0 is the development split: recipes and the new model were chosen on it (its test scores seen).
@@ -13,6 +14,11 @@ it is, "avx2" caps oneDNN, ATen and MKL at AVX2 (utils.device.AVX2_CAP), which m
 a CPU with AMX/AVX512-BF16 behave like one without native bfloat16 (most AMD and client Intel CPUs).
 Each configuration prints its table under the machine's description and writes
 reports/bench_train_seed<N>_<cpu>.json.
+
+--steps-only trains nothing: it times each run's training step (its batch size and optimizer, in each precision
+and memory format the recipe may choose) in turns, in one process, so that the machine's speed, which moves
+from minute to minute, moves every rate alike; it prints each rate and the ratio of each run's fastest step
+to the first run's, and writes reports/bench_train_steps_<cpu>.json.
 """
 from __future__ import annotations
 
@@ -29,9 +35,9 @@ import torch
 from utils.data import load_bitmaps, split
 from utils.device import AVX2_CAP, describe_machine, machine_info
 from utils.io import write_json
-from utils.models import flops_per_image
+from utils.models import build_model, flops_per_image
 from utils.report import markdown_table
-from utils.train import RECIPES, describe_budget, pick_device, train_run
+from utils.train import RECIPES, describe_budget, pick_device, precision_steps, set_seed, time_candidates, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "quickdraw" / "full"
@@ -143,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="results file for a single configuration (default: reports/bench_train_seed<N>_<cpu>.json; "
                         "none with --quick)")
     p.add_argument("--models-dir", default=str(ROOT / "models" / "bench"), help="where the checkpoints go")
+    p.add_argument("--steps-only", action="store_true",
+                   help="time the runs' training steps in turns instead of training (reports/bench_train_steps_<cpu>.json)")
+    p.add_argument("--step-seconds", type=float, default=12.0, help="--steps-only: seconds of timing per step")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     cpus = [c.strip() for c in args.cpus.split(",") if c.strip()]
@@ -157,7 +166,43 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for i, a in enumerate(rest) if not (a == "--cpus" or a.startswith("--cpus=") or
                                                       (i > 0 and rest[i - 1] == "--cpus"))]
         return max(run_in_child(cpu, rest) for cpu in cpus)
-    return bench(args, names, cpus[0])
+    return (steps_only if args.steps_only else bench)(args, names, cpus[0])
+
+
+def step_rates(names: list[str], train, device: torch.device, seconds: float) -> dict[str, dict[str, float]]:
+    """{run: {precision: training images/s}}: every candidate step of every run, timed in turns (each one's
+    fastest step, as the runs' own precision timing does), on the same drawings."""
+    steps, batch = {}, {}
+    for name in names:
+        config = RECIPES[name].config(device=str(device))
+        set_seed(0)
+        model = build_model(config.model, len(train.classes))
+        for precision, (step, _) in precision_steps(model, train, config, device).items():
+            steps[name, precision], batch[name, precision] = step, min(config.batch_size, len(train))
+    rates: dict[str, dict[str, float]] = {name: {} for name in names}
+    for (name, precision), rate in time_candidates(steps, batch, seconds=seconds, rounds=6).items():
+        rates[name][precision] = round(rate, 1)
+    return rates
+
+
+def steps_only(args, names: list[str], cpu: str) -> int:
+    device = pick_device(args.device)
+    info = machine_info()
+    train, _, _ = load(200 if args.quick else None, args.seed)
+    print(f"{describe_machine(info)}; CPU configuration {cpu}; load average {os.getloadavg()}", flush=True)
+    rates = step_rates(names, train, device, 1.0 if args.quick else args.step_seconds)
+    best = {name: max(r.values()) for name, r in rates.items()}
+    lines = [f"{name}: {', '.join(f'{k} {v:,.0f}' for k, v in rates[name].items())} images/s; fastest "
+             f"{best[name]:,.0f}, {best[name] / best[names[0]]:.2f}x {names[0]}'s" for name in names]
+    print("\n".join(lines) + f"\nload average at the end: {os.getloadavg()}")
+    path = args.json or (None if args.quick else ROOT / "reports" / f"bench_train_steps_{cpu}.json")
+    if path:
+        write_json(path, dict(quick=args.quick, cpu_configuration=cpu, env=CPUS[cpu], machine=info,
+                              machine_line=describe_machine(info), device=str(device), runs=names,
+                              step_seconds=args.step_seconds, images_per_s=rates,
+                              ratio_to_first={n: best[n] / best[names[0]] for n in names}), indent=1)
+        print(f"written: {path}")
+    return 0
 
 
 def bench(args, names: list[str], cpu: str) -> int:

@@ -492,6 +492,23 @@ def test_time_candidates_reports_each_rate_and_drops_the_hopeless(monkeypatch):
     assert calls["hopeless"] == 2 and calls["fast"] >= 1 + 2 * 5 and calls["slow"] >= 1 + 2 * 5
 
 
+def test_time_candidates_compares_images_not_steps_when_batches_differ():
+    """Steps of different batch sizes (two recipes side by side): a step of 256 at 3x the time of a step of
+    64 is the faster per image, and must neither lose nor drop out for running fewer steps per second."""
+    clock, calls = FakeClock(tick=0.0), {"batch 64": 0, "batch 256": 0}
+    cost, images = {"batch 64": 0.01, "batch 256": 0.03}, {"batch 64": 64, "batch 256": 256}
+
+    def step(name):
+        calls[name] += 1
+        clock.now += cost[name]
+
+    steps = {name: (lambda n=name: step(n)) for name in cost}
+    rates = train_module.time_candidates(steps, images, seconds=0.2, rounds=3, clock=clock)
+    assert rates == {name: pytest.approx(images[name] / cost[name], rel=1e-6) for name in cost}
+    assert max(rates, key=rates.get) == "batch 256"
+    assert calls["batch 256"] >= 1 + 3 * 3  # a warm-up step, then steps in all three turns: never dropped
+
+
 def test_choose_precision_times_the_real_step_and_keeps_the_fastest():
     set_seed(0)
     model = build_model("v1", 2)
