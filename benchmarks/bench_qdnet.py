@@ -9,9 +9,9 @@
    then its best), and a torch.profiler breakdown of the design's step (the convolutions' share and speed).
 2. As the CPU is: each variant trained for the epochs that its float32 step would fit into the budget under
    the cap, as a share of the CHECK_EPOCHS that an earlier check run's budget sized for the design there in
-   batches of 256 (the first variant): round(CHECK_EPOCHS x its step rate / that variant's), at most 40. They train in bfloat16 channels-last for
-   speed (the precision the recipe picks on a CPU with native bf16) and are scored on the whole val and test
-   splits; the choice is made on validation top-1, the test column is shown only.
+   batches of 256 (the first variant): round(CHECK_EPOCHS x its step rate / that variant's), at most 40. They
+   train in bfloat16 channels-last for speed (the precision the recipe picks on a CPU with native bf16) and are
+   scored on the whole val and test splits; the choice is made on validation top-1, the test column is shown only.
 Writes reports/bench_qdnet.json (none with --quick). With --variants, only those are trained and their rows
 replace the report's rows of the same names; every row keeps the step rate its epochs were sized from.
 """

@@ -10,10 +10,10 @@ import torch
 
 # CPU flags that give oneDNN native bfloat16 arithmetic; without them bf16 is emulated (slow).
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# ONEDNN_MAX_CPU_ISA values that keep oneDNN off its bf16 kernels even where the CPU has them.
 # The environment that makes torch on any x86 CPU run as on an AVX2-only one (no native bf16), per process:
 # oneDNN (convolutions), ATen's own kernels, and MKL (matrix products: linear layers) each have their own switch.
 AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN off its bf16 kernels even where the CPU has them.
 ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 

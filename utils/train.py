@@ -332,9 +332,13 @@ def time_candidates(steps: dict, images_per_step: int | dict, seconds: float = 1
     win, and on a CPU without native bf16 a bf16 step can take seconds.
     """
     images = images_per_step if isinstance(images_per_step, dict) else dict.fromkeys(steps, images_per_step)
+    fastest: dict = {}  # {name: seconds of its fastest step}
+
+    def rates() -> dict:
+        return {name: images[name] / max(t, 1e-9) for name, t in fastest.items()}
+
     for step in steps.values():
         step()
-    fastest: dict = {}
     alive = list(steps)
     for turn in range(rounds):
         for name in alive:
@@ -344,9 +348,9 @@ def time_candidates(steps: dict, images_per_step: int | dict, seconds: float = 1
                 now = clock()
                 fastest[name] = min(fastest.get(name, float("inf")), now - last)
                 last = now
-        rate = {name: images[name] / max(t, 1e-9) for name, t in fastest.items()}
+        rate = rates()
         alive = [name for name in alive if 2 * rate[name] >= max(rate.values())]
-    return {name: images[name] / max(t, 1e-9) for name, t in fastest.items()}
+    return rates()
 
 
 def precision_candidates(config: TrainConfig, device: torch.device) -> list[tuple[bool, bool]]:
